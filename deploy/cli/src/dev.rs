@@ -1,0 +1,266 @@
+//! `atoll dev`: build bundles locally and serve them from an in-process
+//! edge node, rebuilding when a file of a module graph changes.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use atoll_edge_node::{EdgeNode, Routes};
+use atoll_runtime::{Deployment, Limits, Runtime, RuntimeConfig};
+use notify::{RecursiveMode, Watcher};
+use tokio::net::TcpListener;
+
+use crate::bundler;
+
+/// Arguments of `atoll dev`.
+#[derive(clap::Args)]
+pub struct DevArgs {
+    /// Entry modules: `PATH` serves every host; `HOST=PATH` serves requests
+    /// whose Host is HOST (each entry is its own tenant).
+    #[arg(required = true, value_name = "[HOST=]ENTRY")]
+    entries: Vec<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8787)]
+    port: u16,
+    /// A plain-text binding exposed to handlers as `env.KEY` (repeatable).
+    #[arg(long = "var", value_name = "KEY=VALUE")]
+    vars: Vec<String>,
+    /// CPU time limit per request, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    cpu_ms: u64,
+    /// Wall-clock limit per request, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    wall_ms: u64,
+    /// Heap limit per isolate, in MiB.
+    #[arg(long, default_value_t = 128)]
+    heap_mb: usize,
+    /// Project root: imports may not leave it (default: the current
+    /// directory if it holds the entry, else the entry's directory).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Don't rebuild on file changes.
+    #[arg(long)]
+    no_watch: bool,
+}
+
+struct Entry {
+    tenant: String,
+    host: Option<String>,
+    path: PathBuf,
+    root: PathBuf,
+}
+
+struct Setup {
+    entries: Vec<Entry>,
+    vars: BTreeMap<String, String>,
+    limits: Limits,
+}
+
+impl Setup {
+    /// Builds every entry; returns the routes and the files to watch.
+    fn build(&self) -> anyhow::Result<(Routes, Vec<PathBuf>)> {
+        let mut routes = Routes::new();
+        let mut files = Vec::new();
+        for e in &self.entries {
+            let built = bundler::build(&e.path, &e.root)
+                .with_context(|| format!("building {}", e.path.display()))?;
+            files.extend(built.files);
+            let deployment = Arc::new(Deployment::new(
+                e.tenant.clone(),
+                Arc::new(built.bundle),
+                self.vars.clone(),
+                self.limits,
+            ));
+            match &e.host {
+                Some(h) => routes.insert_host(h, deployment),
+                None => routes.set_fallback(deployment),
+            }
+        }
+        Ok((routes, files))
+    }
+}
+
+fn parse_entries(args: &DevArgs) -> anyhow::Result<Vec<Entry>> {
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let mut out = Vec::new();
+    let mut seen_fallback = false;
+    for raw in &args.entries {
+        let (host, path) = match raw.split_once('=') {
+            Some((h, p)) if !h.is_empty() => (Some(h.to_ascii_lowercase()), PathBuf::from(p)),
+            _ => (None, PathBuf::from(raw)),
+        };
+        if host.is_none() {
+            if seen_fallback {
+                bail!("only one entry may serve every host; give the others a HOST= prefix");
+            }
+            seen_fallback = true;
+        }
+        let abs = if path.is_absolute() {
+            path.clone()
+        } else {
+            cwd.join(&path)
+        };
+        if !abs.is_file() {
+            bail!("entry {} does not exist or is not a file", path.display());
+        }
+        let root = match &args.root {
+            Some(r) => r.clone(),
+            None if abs.starts_with(&cwd) => cwd.clone(),
+            None => abs.parent().map(Path::to_path_buf).unwrap_or_else(|| cwd.clone()),
+        };
+        let stem = abs
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "worker".into());
+        let tenant = host.clone().unwrap_or(stem);
+        out.push(Entry {
+            tenant,
+            host,
+            path: abs,
+            root,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_vars(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut vars = BTreeMap::new();
+    for v in raw {
+        let Some((k, val)) = v.split_once('=') else {
+            bail!("--var {v:?} must look like KEY=VALUE");
+        };
+        if k.is_empty() {
+            bail!("--var {v:?} has an empty name");
+        }
+        vars.insert(k.to_string(), val.to_string());
+    }
+    Ok(vars)
+}
+
+/// Runs `atoll dev` until interrupted.
+pub fn run(args: DevArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let setup = Setup {
+        entries: parse_entries(&args)?,
+        vars: parse_vars(&args.vars)?,
+        limits: Limits {
+            cpu_per_request: Duration::from_millis(args.cpu_ms),
+            wall_per_request: Duration::from_millis(args.wall_ms),
+            heap_bytes: args.heap_mb * 1024 * 1024,
+            ..Limits::default()
+        },
+    };
+    let (routes, files) = setup.build()?;
+
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    tokio_rt.block_on(async move {
+        let mut config = RuntimeConfig {
+            default_heap_bytes: setup.limits.heap_bytes,
+            ..RuntimeConfig::default()
+        };
+        if let Some(t) = args.threads {
+            config.threads = t;
+        }
+        let runtime = Arc::new(Runtime::start(config)?);
+        let node = EdgeNode::new(runtime, routes);
+        let addr = SocketAddr::new(args.host, args.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr} (is another server using it? try --port)"))?;
+        let local = listener.local_addr()?;
+        println!("atoll dev: listening on http://{local}");
+        for e in &setup.entries {
+            match &e.host {
+                Some(h) => println!("  {h} -> {}", e.path.display()),
+                None => println!("  * -> {}", e.path.display()),
+            }
+        }
+        if !args.no_watch {
+            spawn_watcher(node.clone(), setup, files)?;
+        }
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        node.serve(listener, shutdown).await?;
+        Ok(())
+    })
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("ATOLL_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,atoll::console=debug"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Watches the module graphs' files; rebuilds and swaps routes on change.
+fn spawn_watcher(node: Arc<EdgeNode>, setup: Setup, files: Vec<PathBuf>) -> anyhow::Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev {
+            let _ = tx.send(ev.paths);
+        }
+    })
+    .context("starting the file watcher")?;
+    let mut watched_dirs = HashSet::new();
+    let mut graph: HashSet<PathBuf> = files.into_iter().collect();
+    watch_dirs(&mut watcher, &graph, &mut watched_dirs);
+
+    tokio::spawn(async move {
+        let _keep = &watcher;
+        while let Some(paths) = rx.recv().await {
+            if !paths.iter().any(|p| graph.contains(p)) {
+                continue;
+            }
+            // Editors write in bursts: wait for quiet, then rebuild once.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while rx.try_recv().is_ok() {}
+            match setup.build() {
+                Ok((routes, files)) => {
+                    let count = files.len();
+                    graph = files.into_iter().collect();
+                    watch_dirs(&mut watcher, &graph, &mut watched_dirs);
+                    node.set_routes(routes);
+                    println!("atoll dev: reloaded ({count} modules)");
+                    tracing::info!("reloaded ({count} modules)");
+                }
+                Err(e) => {
+                    println!("atoll dev: reload failed, still serving the previous version: {e:#}");
+                    tracing::error!("reload failed, still serving the previous version: {e:#}");
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+fn watch_dirs(
+    watcher: &mut notify::RecommendedWatcher,
+    files: &HashSet<PathBuf>,
+    watched: &mut HashSet<PathBuf>,
+) {
+    for f in files {
+        if let Some(dir) = f.parent()
+            && watched.insert(dir.to_path_buf())
+            && let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive)
+        {
+            tracing::warn!("cannot watch {}: {e}", dir.display());
+        }
+    }
+}

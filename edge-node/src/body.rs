@@ -1,0 +1,91 @@
+//! Streaming bodies between hyper and the runtime.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use atoll_runtime::{OutgoingBody, RequestBody};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::mpsc;
+
+/// Chunks of request body allowed to wait for the handler to read them.
+const REQUEST_CHUNK_BUFFER: usize = 4;
+
+/// Why a response body stopped early.
+#[derive(Debug, thiserror::Error)]
+#[error("response body aborted: {0}")]
+pub struct BodyAborted(String);
+
+/// The response body type of the server.
+pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyAborted>;
+
+/// Forwards an incoming body into a channel the handler reads from.
+pub fn request_body(incoming: Incoming) -> RequestBody {
+    if incoming.is_end_stream() {
+        return RequestBody::Empty;
+    }
+    let (tx, rx) = mpsc::channel(REQUEST_CHUNK_BUFFER);
+    tokio::spawn(async move {
+        let mut incoming = incoming;
+        loop {
+            match incoming.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                        && tx.send(Ok(data)).await.is_err()
+                    {
+                        break; // the handler stopped reading
+                    }
+                }
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(e.to_string())).await;
+                    break;
+                }
+            }
+        }
+    });
+    RequestBody::Stream(rx)
+}
+
+/// A body from a fixed buffer.
+pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// The handler's body as a hyper body.
+pub fn response_body(body: OutgoingBody) -> ResponseBody {
+    match body {
+        OutgoingBody::Empty => full(Bytes::new()),
+        OutgoingBody::Full(b) => full(b),
+        OutgoingBody::Stream(rx) => ChannelBody { rx }.boxed_unsync(),
+    }
+}
+
+struct ChannelBody {
+    rx: mpsc::Receiver<Result<Bytes, String>>,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BodyAborted;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(b))) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyAborted(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}

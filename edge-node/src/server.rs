@@ -1,0 +1,230 @@
+//! The HTTP server: connections, request conversion, error responses, logs.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use atoll_runtime::{ByteString, DispatchError, HttpRequest, Runtime};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use crate::body::{ResponseBody, full, request_body, response_body};
+use crate::routes::Routes;
+
+/// An edge node: routes plus the runtime that executes them.
+pub struct EdgeNode {
+    runtime: Arc<Runtime>,
+    routes: ArcSwap<Routes>,
+}
+
+impl EdgeNode {
+    /// A node serving `routes` with `runtime`.
+    pub fn new(runtime: Arc<Runtime>, routes: Routes) -> Arc<EdgeNode> {
+        Arc::new(EdgeNode {
+            runtime,
+            routes: ArcSwap::from_pointee(routes),
+        })
+    }
+
+    /// Replaces the route table. Requests in flight finish on the
+    /// deployment they started with; tenants whose version changed get a
+    /// fresh isolate on their next request.
+    pub fn set_routes(&self, routes: Routes) {
+        self.routes.store(Arc::new(routes));
+    }
+
+    /// The current route table.
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.load_full()
+    }
+
+    /// The runtime behind this node.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Accepts connections on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors and similar: back off, keep serving.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let node = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let node = node.clone();
+                    async move { Ok::<_, Infallible>(node.handle(req, peer).await) }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Err(e) = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    /// Handles one request end to end.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let request_id = new_request_id();
+        let (parts, body) = req.into_parts();
+        let host = parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| "localhost".to_string());
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let method = parts.method.clone();
+
+        let routes = self.routes.load();
+        let Some(deployment) = routes.lookup(&host).cloned() else {
+            tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, status = 404, "no route");
+            return plain(
+                StatusCode::NOT_FOUND,
+                &request_id,
+                format!("no worker is routed for host {host} and path {path}\n"),
+            );
+        };
+        drop(routes);
+
+        let span = tracing::info_span!(
+            "request",
+            %request_id,
+            tenant = %deployment.tenant,
+            deployment = %deployment.version
+        );
+        async move {
+            let headers = parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        ByteString::from(k.as_str().as_bytes().to_vec()),
+                        ByteString::from(v.as_bytes().to_vec()),
+                    )
+                })
+                .collect();
+            let request = HttpRequest {
+                request_id: request_id.clone(),
+                method: method.to_string(),
+                url: format!("http://{host}{path}"),
+                headers,
+                body: request_body(body),
+            };
+            let result = self.runtime.dispatch(deployment.clone(), request).await;
+            let elapsed = started.elapsed();
+            match result {
+                Ok(resp) => {
+                    let status = resp.status;
+                    tracing::info!(
+                        target: "atoll::request",
+                        %peer,
+                        "{method} {path} {status} {:.1}ms",
+                        elapsed.as_secs_f64() * 1e3
+                    );
+                    build_response(resp, &request_id)
+                }
+                Err(e) => {
+                    let status = e.status();
+                    match &e {
+                        DispatchError::Limit(..) => tracing::warn!(
+                            target: "atoll::request",
+                            "{method} {path} {status} {:.1}ms: {e}",
+                            elapsed.as_secs_f64() * 1e3
+                        ),
+                        _ => tracing::error!(
+                            target: "atoll::request",
+                            "{method} {path} {status} {:.1}ms: {e}",
+                            elapsed.as_secs_f64() * 1e3
+                        ),
+                    }
+                    plain(
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                        &request_id,
+                        format!("{} (request id {request_id})\n", e.public_message()),
+                    )
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn new_request_id() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    id[..16].to_string()
+}
+
+fn plain(status: StatusCode, request_id: &str, text: String) -> Response<ResponseBody> {
+    let mut resp = Response::new(full(text));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(HeaderName::from_static("x-request-id"), v);
+    }
+    resp
+}
+
+fn build_response(resp: atoll_runtime::OutgoingResponse, request_id: &str) -> Response<ResponseBody> {
+    let status = match StatusCode::from_u16(resp.status) {
+        Ok(s) => s,
+        Err(_) => {
+            return plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                request_id,
+                format!("the worker returned an invalid status {}\n", resp.status),
+            );
+        }
+    };
+    let mut out = Response::new(response_body(resp.body));
+    *out.status_mut() = status;
+    let headers = out.headers_mut();
+    for (name, value) in resp.headers {
+        match (
+            HeaderName::from_bytes(&name),
+            HeaderValue::from_bytes(&value),
+        ) {
+            (Ok(n), Ok(v)) => {
+                headers.append(n, v);
+            }
+            _ => tracing::warn!("dropped an invalid response header from the worker"),
+        }
+    }
+    out
+}

@@ -1,0 +1,451 @@
+// Atoll's handler API. Evaluated once at build time into the startup
+// snapshot: it assembles the global scope from Deno's web extensions and
+// holds the dispatch that turns host requests into handler calls.
+
+import { core, internals, primordials } from "ext:core/mod.js";
+import {
+  op_atoll_body_close,
+  op_atoll_body_write,
+  op_atoll_boot_done,
+  op_atoll_log,
+  op_atoll_next_request,
+  op_atoll_request_done,
+  op_atoll_respond,
+  op_atoll_respond_error,
+  op_atoll_respond_stream,
+} from "ext:core/ops";
+
+const {
+  ArrayPrototypePush,
+  Error,
+  ErrorPrototype,
+  FunctionPrototypeCall,
+  JSONParse,
+  ObjectDefineProperties,
+  ObjectDefineProperty,
+  ObjectFreeze,
+  ObjectPrototypeIsPrototypeOf,
+  Promise,
+  PromiseResolve,
+  SafePromiseAllSettled,
+  String,
+  StringPrototypeEndsWith,
+  StringPrototypeSlice,
+  TypedArrayPrototypeGetByteLength,
+  TypeError,
+  Uint8ArrayPrototype,
+} = primordials;
+
+const webidl = core.loadExtScript("ext:deno_webidl/00_webidl.js");
+const event = core.loadExtScript("ext:deno_web/02_event.js");
+const timers = core.loadExtScript("ext:deno_web/02_timers.js");
+const base64 = core.loadExtScript("ext:deno_web/05_base64.js");
+const encoding = core.loadExtScript("ext:deno_web/08_text_encoding.js");
+const consoleMod = core.loadExtScript("ext:deno_web/01_console.js");
+const compression = core.loadExtScript("ext:deno_web/14_compression.js");
+const performance = core.loadExtScript("ext:deno_web/15_performance.js");
+const url = core.loadExtScript("ext:deno_web/00_url.js");
+const urlPattern = core.loadExtScript("ext:deno_web/01_urlpattern.js");
+const streams = core.loadExtScript("ext:deno_web/06_streams.js");
+const file = core.loadExtScript("ext:deno_web/09_file.js");
+const messagePort = core.loadExtScript("ext:deno_web/13_message_port.js");
+const structuredCloneMod = core.loadExtScript(
+  "ext:deno_web/02_structured_clone.js",
+);
+const { DOMException } = core.loadExtScript("ext:deno_web/01_dom_exception.js");
+const abortSignal = core.loadExtScript("ext:deno_web/03_abort_signal.js");
+const crypto = core.loadExtScript("ext:deno_crypto/00_crypto.js");
+const headers = core.loadExtScript("ext:deno_fetch/20_headers.js");
+const formData = core.loadExtScript("ext:deno_fetch/21_formdata.js");
+const body = core.loadExtScript("ext:deno_fetch/22_body.js");
+const request = core.loadExtScript("ext:deno_fetch/23_request.js");
+// deno_fetch traces through Deno's OpenTelemetry module, which Atoll does
+// not ship: give it a tracer that is always off.
+internals.__telemetry ??= {
+  TRACING_ENABLED: false,
+  PROPAGATORS: [],
+  DID_NOT_ENTER: Symbol("atoll.telemetry.off"),
+  builtinTracer() {
+    return undefined;
+  },
+  ContextManager: { active: () => undefined },
+  enterSpan() {
+    return undefined;
+  },
+  exitSpan() {},
+  restoreSnapshot() {},
+};
+internals.__telemetryUtil ??= {
+  updateSpanFromClientResponse() {},
+  updateSpanFromError() {},
+  updateSpanFromRequest() {},
+};
+const response = core.loadExtScript("ext:deno_fetch/23_response.js");
+const fetch = core.loadExtScript("ext:deno_fetch/26_fetch.js");
+
+// ---------------------------------------------------------------------------
+// Console: every line goes to the host tagged with the request it belongs to.
+
+/** The id of the request whose handler (or its continuations) is running. */
+const currentRequest = new core.AsyncVariable();
+
+const tenantConsole = new consoleMod.Console((msg, level) => {
+  // Console levels: 0 debug, 1 log/info, 2 warn, 3 error. Drop the trailing
+  // newline the formatter adds; the host prints lines.
+  const text = StringPrototypeEndsWith(msg, "\n")
+    ? StringPrototypeSlice(msg, 0, -1)
+    : msg;
+  op_atoll_log(level, currentRequest.get() ?? 0, text);
+});
+
+// ---------------------------------------------------------------------------
+// Service-worker form: addEventListener("fetch", (e) => e.respondWith(...)).
+
+const fetchListeners = [];
+
+class FetchEvent extends event.Event {
+  #request;
+  #response = null;
+  #waitUntil;
+
+  constructor(type, init) {
+    super(type);
+    this.#request = init.request;
+    this.#waitUntil = init.waitUntil;
+  }
+
+  get request() {
+    return this.#request;
+  }
+
+  respondWith(r) {
+    if (this.#response !== null) {
+      throw new DOMException(
+        "respondWith() was already called",
+        "InvalidStateError",
+      );
+    }
+    this.#response = PromiseResolve(r);
+  }
+
+  waitUntil(p) {
+    this.#waitUntil(p);
+  }
+
+  passThroughOnException() {}
+
+  get responded() {
+    return this.#response;
+  }
+}
+
+function addEventListener(type, listener) {
+  if (type === "fetch" && listener !== null && listener !== undefined) {
+    ArrayPrototypePush(fetchListeners, listener);
+  }
+}
+
+function removeEventListener(type, listener) {
+  if (type !== "fetch") return;
+  const i = fetchListeners.indexOf(listener);
+  if (i >= 0) fetchListeners.splice(i, 1);
+}
+
+// ---------------------------------------------------------------------------
+// Global scope, as in Workers / Deno: web platform APIs only.
+
+ObjectDefineProperties(globalThis, {
+  AbortController: core.propNonEnumerable(abortSignal.AbortController),
+  AbortSignal: core.propNonEnumerable(abortSignal.AbortSignal),
+  Blob: core.propNonEnumerable(file.Blob),
+  ByteLengthQueuingStrategy: core.propNonEnumerable(
+    streams.ByteLengthQueuingStrategy,
+  ),
+  CompressionStream: core.propNonEnumerable(compression.CompressionStream),
+  CountQueuingStrategy: core.propNonEnumerable(streams.CountQueuingStrategy),
+  CryptoKey: core.propNonEnumerable(crypto.CryptoKey),
+  CustomEvent: core.propNonEnumerable(event.CustomEvent),
+  DecompressionStream: core.propNonEnumerable(compression.DecompressionStream),
+  DOMException: core.propNonEnumerable(DOMException),
+  ErrorEvent: core.propNonEnumerable(event.ErrorEvent),
+  Event: core.propNonEnumerable(event.Event),
+  EventTarget: core.propNonEnumerable(event.EventTarget),
+  FetchEvent: core.propNonEnumerable(FetchEvent),
+  File: core.propNonEnumerable(file.File),
+  FormData: core.propNonEnumerable(formData.FormData),
+  Headers: core.propNonEnumerable(headers.Headers),
+  MessageChannel: core.propNonEnumerable(messagePort.MessageChannel),
+  MessageEvent: core.propNonEnumerable(event.MessageEvent),
+  MessagePort: core.propNonEnumerable(messagePort.MessagePort),
+  Performance: core.propNonEnumerable(performance.Performance),
+  PerformanceEntry: core.propNonEnumerable(performance.PerformanceEntry),
+  PerformanceMark: core.propNonEnumerable(performance.PerformanceMark),
+  PerformanceMeasure: core.propNonEnumerable(performance.PerformanceMeasure),
+  PromiseRejectionEvent: core.propNonEnumerable(event.PromiseRejectionEvent),
+  ReadableByteStreamController: core.propNonEnumerable(
+    streams.ReadableByteStreamController,
+  ),
+  ReadableStream: core.propNonEnumerable(streams.ReadableStream),
+  ReadableStreamBYOBReader: core.propNonEnumerable(
+    streams.ReadableStreamBYOBReader,
+  ),
+  ReadableStreamBYOBRequest: core.propNonEnumerable(
+    streams.ReadableStreamBYOBRequest,
+  ),
+  ReadableStreamDefaultController: core.propNonEnumerable(
+    streams.ReadableStreamDefaultController,
+  ),
+  ReadableStreamDefaultReader: core.propNonEnumerable(
+    streams.ReadableStreamDefaultReader,
+  ),
+  Request: core.propNonEnumerable(request.Request),
+  Response: core.propNonEnumerable(response.Response),
+  TextDecoder: core.propNonEnumerable(encoding.TextDecoder),
+  TextDecoderStream: core.propNonEnumerable(encoding.TextDecoderStream),
+  TextEncoder: core.propNonEnumerable(encoding.TextEncoder),
+  TextEncoderStream: core.propNonEnumerable(encoding.TextEncoderStream),
+  TransformStream: core.propNonEnumerable(streams.TransformStream),
+  TransformStreamDefaultController: core.propNonEnumerable(
+    streams.TransformStreamDefaultController,
+  ),
+  URL: core.propNonEnumerable(url.URL),
+  URLPattern: core.propNonEnumerable(urlPattern.URLPattern),
+  URLSearchParams: core.propNonEnumerable(url.URLSearchParams),
+  WritableStream: core.propNonEnumerable(streams.WritableStream),
+  WritableStreamDefaultController: core.propNonEnumerable(
+    streams.WritableStreamDefaultController,
+  ),
+  WritableStreamDefaultWriter: core.propNonEnumerable(
+    streams.WritableStreamDefaultWriter,
+  ),
+  addEventListener: core.propWritable(addEventListener),
+  atob: core.propWritable(base64.atob),
+  btoa: core.propWritable(base64.btoa),
+  clearInterval: core.propWritable(timers.clearInterval),
+  clearTimeout: core.propWritable(timers.clearTimeout),
+  console: core.propNonEnumerable(tenantConsole),
+  // A getter: the Crypto object is cppgc-backed and cannot live in a snapshot.
+  crypto: core.propGetterOnly(() => crypto.crypto),
+  Crypto: core.propNonEnumerable(crypto.Crypto),
+  SubtleCrypto: core.propNonEnumerable(crypto.SubtleCrypto),
+  fetch: core.propWritable(fetch.fetch),
+  performance: core.propWritable(performance.performance),
+  queueMicrotask: core.propWritable(core.queueMicrotask),
+  removeEventListener: core.propWritable(removeEventListener),
+  reportError: core.propWritable(event.reportError),
+  self: core.propGetterOnly(() => globalThis),
+  setInterval: core.propWritable(timers.setInterval),
+  setTimeout: core.propWritable(timers.setTimeout),
+  structuredClone: core.propWritable(structuredCloneMod.structuredClone),
+  [webidl.brand]: core.propNonEnumerable(webidl.brand),
+});
+
+// ---------------------------------------------------------------------------
+// Dispatch.
+
+const { InnerBody } = body;
+const { readableStreamForRid, isReadableStream } = streams;
+const { newInnerRequest, fromInnerRequest } = request;
+const { ResponsePrototype, toInnerResponse } = response;
+
+/** `export default { fetch }` of the tenant's entry module, if any. */
+let moduleHandler = null;
+/** The frozen `env` object handed to every `fetch(request, env, ctx)`. */
+let env = ObjectFreeze({ __proto__: null });
+
+/** Formats an error for the host's log: message plus (source-mapped) stack. */
+function formatError(e) {
+  if (ObjectPrototypeIsPrototypeOf(ErrorPrototype, e)) {
+    return e.stack ?? `${e.name}: ${e.message}`;
+  }
+  try {
+    return `Uncaught (not an Error) ${consoleMod.inspect(e)}`;
+  } catch {
+    return `Uncaught (not an Error) ${String(e)}`;
+  }
+}
+
+function invokeHandler(req, ctx) {
+  if (moduleHandler !== null) {
+    return FunctionPrototypeCall(moduleHandler.fetch, moduleHandler, req, env, ctx);
+  }
+  const ev = new FetchEvent("fetch", { request: req, waitUntil: ctx.waitUntil });
+  for (let i = 0; i < fetchListeners.length; i++) {
+    const l = fetchListeners[i];
+    if (typeof l === "function") FunctionPrototypeCall(l, globalThis, ev);
+    else if (l && typeof l.handleEvent === "function") l.handleEvent(ev);
+  }
+  if (ev.responded === null) {
+    throw new TypeError(
+      "no \"fetch\" event listener called event.respondWith()",
+    );
+  }
+  return ev.responded;
+}
+
+async function streamBody(id, stream) {
+  const reader = stream.getReader();
+  try {
+    while (true) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      let chunk = value;
+      if (typeof chunk === "string") chunk = core.encode(chunk);
+      if (!ObjectPrototypeIsPrototypeOf(Uint8ArrayPrototype, chunk)) {
+        throw new TypeError(
+          "a response body stream must produce Uint8Array chunks",
+        );
+      }
+      if (TypedArrayPrototypeGetByteLength(chunk) === 0) continue;
+      const open = await op_atoll_body_write(id, chunk);
+      if (!open) {
+        // The client went away: tell the producer.
+        await reader.cancel("client disconnected");
+        op_atoll_body_close(id, null);
+        return;
+      }
+    }
+    op_atoll_body_close(id, null);
+  } catch (e) {
+    op_atoll_body_close(id, formatError(e));
+    throw e;
+  }
+}
+
+const EMPTY = new Uint8Array(0);
+
+async function sendResponse(id, resp) {
+  if (!ObjectPrototypeIsPrototypeOf(ResponsePrototype, resp)) {
+    throw new TypeError(
+      `the handler returned ${
+        resp === null ? "null" : typeof resp
+      } instead of a Response`,
+    );
+  }
+  const inner = toInnerResponse(resp);
+  if (inner.type === "error") {
+    throw new TypeError("the handler returned Response.error()");
+  }
+  const status = inner.status;
+  const headerList = inner.headerList;
+  if (inner.body === null) {
+    op_atoll_respond(id, status, headerList, EMPTY);
+    return;
+  }
+  const src = inner.body.streamOrStatic;
+  if (!isReadableStream(src)) {
+    if (src.consumed) throw new TypeError("the response body was already used");
+    src.consumed = true;
+    const bytes = typeof src.body === "string" ? core.encode(src.body) : src.body;
+    op_atoll_respond(id, status, headerList, bytes);
+    return;
+  }
+  op_atoll_respond_stream(id, status, headerList);
+  await streamBody(id, src);
+}
+
+function handle(head) {
+  const id = head.id;
+  const reqBody = head.bodyRid === null
+    ? null
+    : new InnerBody(readableStreamForRid(head.bodyRid));
+  const headerList = head.headers;
+  const inner = newInnerRequest(head.method, head.url, () => headerList, reqBody, false);
+  const req = fromInnerRequest(inner, "immutable");
+  const pending = [];
+  const ctx = {
+    waitUntil(p) {
+      ArrayPrototypePush(pending, PromiseResolve(p));
+    },
+    passThroughOnException() {},
+  };
+
+  const previous = currentRequest.enter(id);
+  let result;
+  try {
+    try {
+      result = PromiseResolve(invokeHandler(req, ctx));
+    } catch (e) {
+      result = new Promise((_, reject) => reject(e));
+    }
+    (async () => {
+      try {
+        await sendResponse(id, await result);
+      } catch (e) {
+        op_atoll_respond_error(id, formatError(e));
+      }
+      // waitUntil() may be called again while earlier promises settle.
+      let settled = 0;
+      while (settled < pending.length) {
+        const batch = pending.slice(settled);
+        settled = pending.length;
+        const outcomes = await SafePromiseAllSettled(batch);
+        for (let i = 0; i < outcomes.length; i++) {
+          if (outcomes[i].status === "rejected") {
+            tenantConsole.error(
+              "ctx.waitUntil() promise rejected:",
+              outcomes[i].reason,
+            );
+          }
+        }
+      }
+      op_atoll_request_done(id);
+    })();
+  } finally {
+    core.setAsyncContext(previous);
+  }
+}
+
+async function serve() {
+  while (true) {
+    const head = await op_atoll_next_request();
+    if (head === null) return;
+    handle(head);
+  }
+}
+
+/**
+ * Loads the tenant's entry module, finds its handler and starts serving.
+ * Called once per isolate by the host, right after it was taken from the
+ * pool.
+ */
+async function boot(entry, envJson) {
+  performance.setTimeOrigin();
+  try {
+    env = ObjectFreeze(JSONParse(envJson));
+    const ns = await import(entry);
+    const def = ns.default;
+    if (def !== null && def !== undefined && typeof def.fetch === "function") {
+      moduleHandler = def;
+    } else if (fetchListeners.length === 0) {
+      throw new TypeError(
+        `${entry} has no handler: export default { fetch(request, env, ctx) { ... } } ` +
+          `or call addEventListener("fetch", ...)`,
+      );
+    }
+  } catch (e) {
+    op_atoll_boot_done(formatError(e));
+    return;
+  }
+  op_atoll_boot_done(null);
+  serve();
+}
+
+// The host reaches `boot` through this symbol, then deletes it (and
+// `Deno`) so tenant code never sees the runtime's internals.
+ObjectDefineProperty(globalThis, Symbol.for("atoll.boot"), {
+  value: boot,
+  configurable: true,
+  enumerable: false,
+  writable: false,
+});
+
+// A rejection nobody handles, or an exception thrown from a timer, is the
+// tenant's bug: log it under its request and keep the isolate serving.
+core.setUnhandledPromiseRejectionHandler((_promise, reason) => {
+  tenantConsole.error("Uncaught (in promise)", reason);
+  return true;
+});
+core.setReportExceptionCallback((error) => {
+  tenantConsole.error("Uncaught", error);
+});

@@ -1,0 +1,199 @@
+//! Types that cross between the host (the runtime) and the isolate's JS.
+//!
+//! The host owns the sending halves; the isolate's [`HostBridge`], stored in
+//! `OpState`, owns the receiving halves. Everything is single-threaded
+//! (`Rc`), because an isolate never leaves its worker thread.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use deno_core::ByteString;
+use tokio::sync::{mpsc, oneshot};
+
+/// A chunk of a request body as produced by the host's HTTP server.
+pub type BodyChunks = mpsc::Receiver<Result<Bytes, String>>;
+
+/// The body of an incoming request.
+pub enum RequestBody {
+    /// No body at all (GET, HEAD, or an empty POST).
+    Empty,
+    /// Chunks arriving from the client, read by JS on demand.
+    Stream(BodyChunks),
+}
+
+/// A request handed to the isolate.
+pub struct IncomingRequest {
+    /// The host's id for this request; unique within the isolate.
+    pub id: u32,
+    /// Request id for logs (also sent to the client as `x-request-id`).
+    pub request_id: String,
+    /// HTTP method.
+    pub method: String,
+    /// Absolute URL as the handler will see it.
+    pub url: String,
+    /// Header list in arrival order.
+    pub headers: Vec<(ByteString, ByteString)>,
+    /// Request body.
+    pub body: RequestBody,
+    /// Receives the response head (or the handler's error) exactly once.
+    pub respond: oneshot::Sender<Result<OutgoingResponse, HandlerError>>,
+    /// Fires (by being sent or dropped) once the handler and every
+    /// `ctx.waitUntil` promise of this request have settled.
+    pub done: oneshot::Sender<()>,
+}
+
+/// The body of a handler's response.
+pub enum OutgoingBody {
+    /// Empty body.
+    Empty,
+    /// A body known in full when the response was returned.
+    Full(Bytes),
+    /// A body produced chunk by chunk by a `ReadableStream`.
+    Stream(mpsc::Receiver<Result<Bytes, String>>),
+}
+
+/// A handler's response.
+pub struct OutgoingResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Header list.
+    pub headers: Vec<(ByteString, ByteString)>,
+    /// Body.
+    pub body: OutgoingBody,
+}
+
+/// Why a request got no response from its handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The handler threw, rejected, or returned something other than a Response.
+    Exception,
+    /// The entry module failed to load or evaluate.
+    Startup,
+    /// The isolate was terminated for using too much CPU time.
+    CpuLimit,
+    /// The isolate was terminated for using too much memory.
+    MemoryLimit,
+    /// The response did not start within the wall-clock limit.
+    WallClockLimit,
+    /// The isolate went away (shutdown, crash) before answering.
+    Unavailable,
+}
+
+/// A request that failed instead of producing a response.
+#[derive(Debug, Clone)]
+pub struct HandlerError {
+    /// What went wrong.
+    pub kind: FailureKind,
+    /// The error with its (source-mapped) stack, for logs only.
+    pub detail: String,
+}
+
+/// One line of tenant console output.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    /// 0 debug, 1 info/log, 2 warn, 3 error.
+    pub level: u8,
+    /// The request it was written under, if any.
+    pub request_id: Option<String>,
+    /// The formatted message.
+    pub message: String,
+}
+
+/// Receives tenant console output.
+pub type LogSink = Rc<dyn Fn(LogLine)>;
+
+pub(crate) struct Pending {
+    pub(crate) request_id: String,
+    pub(crate) respond: Option<oneshot::Sender<Result<OutgoingResponse, HandlerError>>>,
+    pub(crate) body: Option<mpsc::Sender<Result<Bytes, String>>>,
+    pub(crate) done: Option<oneshot::Sender<()>>,
+}
+
+/// The isolate's end of the host bridge; lives in `OpState`.
+pub struct HostBridge {
+    pub(crate) inbox: Rc<tokio::sync::Mutex<mpsc::UnboundedReceiver<IncomingRequest>>>,
+    pub(crate) pending: RefCell<HashMap<u32, Pending>>,
+    pub(crate) boot: RefCell<Option<oneshot::Sender<Result<(), String>>>>,
+    pub(crate) log: LogSink,
+}
+
+/// The host's end of the bridge for one isolate.
+pub struct HostHandle {
+    /// Sends requests into the isolate.
+    pub requests: mpsc::UnboundedSender<IncomingRequest>,
+    /// Resolves when the tenant's module has been evaluated (or failed to).
+    pub booted: oneshot::Receiver<Result<(), String>>,
+}
+
+impl HostBridge {
+    /// Creates both ends of a bridge. Put the [`HostBridge`] into the
+    /// isolate's `OpState`; keep the [`HostHandle`].
+    pub fn new(log: LogSink) -> (HostBridge, HostHandle) {
+        let (req_tx, req_rx) = mpsc::unbounded_channel();
+        let (boot_tx, boot_rx) = oneshot::channel();
+        (
+            HostBridge {
+                inbox: Rc::new(tokio::sync::Mutex::new(req_rx)),
+                pending: RefCell::new(HashMap::new()),
+                boot: RefCell::new(Some(boot_tx)),
+                log,
+            },
+            HostHandle {
+                requests: req_tx,
+                booted: boot_rx,
+            },
+        )
+    }
+
+    /// Number of requests the isolate has taken but not finished.
+    pub fn in_flight(&self) -> usize {
+        self.pending.borrow().len()
+    }
+
+    /// Fails every request the isolate has taken, e.g. after it was
+    /// terminated; their clients get `error` instead of hanging.
+    pub fn fail_all(&self, kind: FailureKind, detail: &str) {
+        let ids: Vec<u32> = self.pending.borrow().keys().copied().collect();
+        for id in ids {
+            self.fail_one(id, kind, detail);
+        }
+        // Requests still queued were never seen by JS.
+        if let Ok(mut inbox) = self.inbox.try_lock() {
+            while let Ok(req) = inbox.try_recv() {
+                let _ = req.respond.send(Err(HandlerError {
+                    kind,
+                    detail: detail.to_string(),
+                }));
+            }
+        }
+    }
+
+    /// Fails request `id` if its response has not started; returns whether
+    /// it had. A started streamed body is cut short with `detail`.
+    pub fn fail_one(&self, id: u32, kind: FailureKind, detail: &str) -> bool {
+        let Some(mut p) = self.pending.borrow_mut().remove(&id) else {
+            return false;
+        };
+        let had_head = p.respond.is_none();
+        if let Some(tx) = p.respond.take() {
+            let _ = tx.send(Err(HandlerError {
+                kind,
+                detail: detail.to_string(),
+            }));
+        }
+        if let Some(body) = p.body.take() {
+            let _ = body.try_send(Err(detail.to_string()));
+        }
+        had_head
+    }
+
+    /// Whether request `id` has produced its response head.
+    pub fn responded(&self, id: u32) -> bool {
+        self.pending
+            .borrow()
+            .get(&id)
+            .is_some_and(|p| p.respond.is_none())
+    }
+}

@@ -1,0 +1,276 @@
+//! Ops behind `js/bootstrap.js`: take the next request, answer it, stream
+//! its response body, forward console output.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use deno_core::{
+    AsyncRefCell, AsyncResult, BufView, ByteString, CancelFuture, CancelHandle, OpState, RcRef,
+    Resource, ResourceId, op2,
+};
+use deno_error::JsErrorBox;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::bridge::{
+    BodyChunks, FailureKind, HandlerError, HostBridge, LogLine, OutgoingBody, OutgoingResponse, Pending,
+    RequestBody,
+};
+
+/// How many response chunks may wait for the client before JS is paused.
+const RESPONSE_CHUNK_BUFFER: usize = 4;
+
+/// A request as JS first sees it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestHead {
+    id: u32,
+    request_id: String,
+    method: String,
+    url: String,
+    headers: Vec<(ByteString, ByteString)>,
+    body_rid: Option<ResourceId>,
+}
+
+/// The request body as a resource that `readableStreamForRid` reads.
+struct RequestBodyResource {
+    chunks: AsyncRefCell<BodyChunks>,
+    /// Bytes of a chunk larger than the reader's buffer, kept for the next read.
+    leftover: RefCell<Option<Bytes>>,
+    cancel: CancelHandle,
+}
+
+impl Resource for RequestBodyResource {
+    fn name(&self) -> Cow<'_, str> {
+        "atollRequestBody".into()
+    }
+
+    fn read(self: Rc<Self>, limit: usize) -> AsyncResult<BufView> {
+        Box::pin(async move {
+            let limit = limit.max(1);
+            let next = self.leftover.borrow_mut().take();
+            let chunk = match next {
+                Some(c) => c,
+                None => {
+                    let mut chunks = RcRef::map(&self, |r| &r.chunks).borrow_mut().await;
+                    let cancel = RcRef::map(&self, |r| &r.cancel);
+                    let received = chunks
+                        .recv()
+                        .or_cancel(cancel)
+                        .await
+                        .map_err(|_| JsErrorBox::generic("request body read was cancelled"))?;
+                    match received {
+                        None => return Ok(BufView::empty()),
+                        Some(Err(e)) => {
+                            return Err(JsErrorBox::type_error(format!(
+                                "request body could not be read: {e}"
+                            )));
+                        }
+                        Some(Ok(c)) => c,
+                    }
+                }
+            };
+            if chunk.len() > limit {
+                let mut chunk = chunk;
+                let rest = chunk.split_off(limit);
+                *self.leftover.borrow_mut() = Some(rest);
+                Ok(BufView::from(chunk))
+            } else {
+                Ok(BufView::from(chunk))
+            }
+        })
+    }
+
+    fn close(self: Rc<Self>) {
+        self.cancel.cancel();
+    }
+}
+
+fn bridge(state: &OpState) -> &HostBridge {
+    state.borrow::<HostBridge>()
+}
+
+/// Waits for the next request; `None` once the host closed the isolate.
+#[op2]
+#[serde]
+pub async fn op_atoll_next_request(state: Rc<RefCell<OpState>>) -> Option<RequestHead> {
+    let inbox = bridge(&state.borrow()).inbox.clone();
+    let req = inbox.lock().await.recv().await?;
+    let mut state = state.borrow_mut();
+    let body_rid = match req.body {
+        RequestBody::Empty => None,
+        RequestBody::Stream(chunks) => Some(state.resource_table.add(RequestBodyResource {
+            chunks: AsyncRefCell::new(chunks),
+            leftover: RefCell::new(None),
+            cancel: CancelHandle::new(),
+        })),
+    };
+    bridge(&state).pending.borrow_mut().insert(
+        req.id,
+        Pending {
+            request_id: req.request_id.clone(),
+            respond: Some(req.respond),
+            body: None,
+            done: Some(req.done),
+        },
+    );
+    Some(RequestHead {
+        id: req.id,
+        request_id: req.request_id,
+        method: req.method,
+        url: req.url,
+        headers: req.headers,
+        body_rid,
+    })
+}
+
+fn send_head(state: &OpState, id: u32, response: Result<OutgoingResponse, HandlerError>) {
+    if let Some(p) = bridge(state).pending.borrow_mut().get_mut(&id)
+        && let Some(tx) = p.respond.take()
+    {
+        // The client may have gone away; nothing to do then.
+        let _ = tx.send(response);
+    }
+}
+
+/// Answers request `id` with a body known in full.
+#[op2]
+pub fn op_atoll_respond(
+    state: &mut OpState,
+    id: u32,
+    #[smi] status: u16,
+    #[serde] headers: Vec<(ByteString, ByteString)>,
+    #[buffer(copy)] body: Option<Vec<u8>>,
+) {
+    let body = match body {
+        Some(b) if !b.is_empty() => OutgoingBody::Full(Bytes::from(b)),
+        _ => OutgoingBody::Empty,
+    };
+    send_head(
+        state,
+        id,
+        Ok(OutgoingResponse {
+            status,
+            headers,
+            body,
+        }),
+    );
+}
+
+/// Answers request `id` with a streamed body; JS then writes the chunks.
+#[op2]
+pub fn op_atoll_respond_stream(
+    state: &mut OpState,
+    id: u32,
+    #[smi] status: u16,
+    #[serde] headers: Vec<(ByteString, ByteString)>,
+) {
+    let (tx, rx) = mpsc::channel(RESPONSE_CHUNK_BUFFER);
+    if let Some(p) = bridge(state).pending.borrow_mut().get_mut(&id) {
+        p.body = Some(tx);
+    }
+    send_head(
+        state,
+        id,
+        Ok(OutgoingResponse {
+            status,
+            headers,
+            body: OutgoingBody::Stream(rx),
+        }),
+    );
+}
+
+/// Writes one chunk of a streamed body. Resolves `false` when the client is
+/// gone, so JS can cancel the stream.
+#[op2]
+pub async fn op_atoll_body_write(
+    state: Rc<RefCell<OpState>>,
+    id: u32,
+    #[buffer(copy)] chunk: Vec<u8>,
+) -> bool {
+    let tx = {
+        let state = state.borrow();
+        let pending = bridge(&state).pending.borrow();
+        match pending.get(&id).and_then(|p| p.body.clone()) {
+            Some(tx) => tx,
+            None => return false,
+        }
+    };
+    tx.send(Ok(Bytes::from(chunk))).await.is_ok()
+}
+
+/// Ends a streamed body; with `error`, the client sees the body cut short.
+#[op2]
+pub fn op_atoll_body_close(state: &mut OpState, id: u32, #[string] error: Option<String>) {
+    let tx = bridge(state)
+        .pending
+        .borrow_mut()
+        .get_mut(&id)
+        .and_then(|p| p.body.take());
+    if let (Some(tx), Some(error)) = (tx, error) {
+        let _ = tx.try_send(Err(error));
+    }
+}
+
+/// Reports that the handler threw or returned something that is not a Response.
+#[op2(fast)]
+pub fn op_atoll_respond_error(state: &mut OpState, id: u32, #[string] detail: &str) {
+    send_head(
+        state,
+        id,
+        Err(HandlerError {
+            kind: FailureKind::Exception,
+            detail: detail.to_string(),
+        }),
+    );
+}
+
+/// Marks request `id` finished: handler settled and all `waitUntil` promises too.
+#[op2(fast)]
+pub fn op_atoll_request_done(state: &mut OpState, id: u32) {
+    let removed = bridge(state).pending.borrow_mut().remove(&id);
+    if let Some(mut p) = removed {
+        if let Some(tx) = p.respond.take() {
+            let _ = tx.send(Err(HandlerError {
+                kind: FailureKind::Exception,
+                detail: "the handler finished without producing a response".into(),
+            }));
+        }
+        if let Some(done) = p.done.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Forwards one line of console output, tagged with its request.
+#[op2(fast)]
+pub fn op_atoll_log(state: &mut OpState, #[smi] level: u8, id: u32, #[string] message: &str) {
+    let bridge = bridge(state);
+    let request_id = if id == 0 {
+        None
+    } else {
+        bridge
+            .pending
+            .borrow()
+            .get(&id)
+            .map(|p| p.request_id.clone())
+    };
+    (bridge.log)(LogLine {
+        level,
+        request_id,
+        message: message.to_string(),
+    });
+}
+
+/// Reports the outcome of evaluating the tenant's entry module.
+#[op2]
+pub fn op_atoll_boot_done(state: &mut OpState, #[string] error: Option<String>) {
+    if let Some(tx) = bridge(state).boot.borrow_mut().take() {
+        let _ = tx.send(match error {
+            None => Ok(()),
+            Some(e) => Err(e),
+        });
+    }
+}

@@ -1,0 +1,139 @@
+//! One V8 isolate booted from the snapshot, and its hand-over to a tenant.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use atoll_js_api::{HostBridge, HostHandle, LogLine, LogSink};
+use deno_core::{JsRuntime, RuntimeOptions, v8};
+
+use crate::deployment::Deployment;
+use crate::extensions::extensions;
+use crate::module_loader::BundleLoader;
+use crate::snapshot::{RESIDUAL_LAZY_ESM, RESIDUAL_LAZY_JS, SNAPSHOT};
+
+/// Extra heap granted once the limit is hit, so V8 can unwind the
+/// terminated script instead of aborting the process.
+const HEAP_HEADROOM: usize = 32 * 1024 * 1024;
+
+/// An isolate with the runtime's JS in place and no tenant code yet.
+pub(crate) struct Isolate {
+    pub(crate) js: JsRuntime,
+    pub(crate) host: HostHandle,
+    pub(crate) heap_limit: usize,
+    /// Set by the near-heap-limit callback.
+    pub(crate) heap_exceeded: Arc<AtomicBool>,
+    loader: Rc<BundleLoader>,
+    owner: Rc<RefCell<Option<Arc<Deployment>>>>,
+}
+
+impl Isolate {
+    /// Deserializes a fresh isolate from the snapshot.
+    pub(crate) fn new(heap_limit: usize) -> Isolate {
+        let loader = Rc::new(BundleLoader::default());
+        let owner: Rc<RefCell<Option<Arc<Deployment>>>> = Rc::new(RefCell::new(None));
+        let sink_owner = owner.clone();
+        let sink: LogSink = Rc::new(move |line| log_console(&sink_owner.borrow(), line));
+        let (bridge, host) = HostBridge::new(sink);
+
+        let mut js = JsRuntime::new(RuntimeOptions {
+            module_loader: Some(loader.clone()),
+            startup_snapshot: Some(SNAPSHOT),
+            extensions: extensions(),
+            residual_lazy_js_sources: RESIDUAL_LAZY_JS,
+            residual_lazy_esm_sources: RESIDUAL_LAZY_ESM,
+            create_params: Some(v8::CreateParams::default().heap_limits(0, heap_limit)),
+            ..Default::default()
+        });
+        {
+            let state = js.op_state();
+            let mut state = state.borrow_mut();
+            state.put(bridge);
+            state.put(crate::outbound::no_network_permissions());
+        }
+        let heap_exceeded = Arc::new(AtomicBool::new(false));
+        let flag = heap_exceeded.clone();
+        let handle = js.v8_isolate().thread_safe_handle();
+        js.add_near_heap_limit_callback(move |current, _initial| {
+            flag.store(true, Ordering::SeqCst);
+            handle.terminate_execution();
+            current + HEAP_HEADROOM
+        });
+        // V8 tracks one "current" isolate per thread and a new isolate is
+        // entered on creation. Many isolates share this thread, so each is
+        // entered only while it runs (see `Isolate::run`), never left entered.
+        // SAFETY: balances the enter done by isolate creation; this thread
+        // entered no other isolate since.
+        unsafe { js.v8_isolate().exit() };
+        Isolate {
+            js,
+            host,
+            heap_limit,
+            heap_exceeded,
+            loader,
+            owner,
+        }
+    }
+
+    /// Runs `f` with this isolate entered as the thread's current isolate.
+    pub(crate) fn run<R>(&mut self, f: impl FnOnce(&mut Isolate) -> R) -> R {
+        // SAFETY: enter/exit are balanced around `f`, and isolates on this
+        // thread are never used re-entrantly, so the thread's isolate stack
+        // is always empty outside of `run`.
+        unsafe { self.js.v8_isolate().enter() };
+        let r = f(self);
+        unsafe { self.js.v8_isolate().exit() };
+        r
+    }
+
+    /// Hands the isolate to `deployment` and starts evaluating its entry
+    /// module; completion is reported on `host.booted`.
+    pub(crate) fn boot(&mut self, deployment: &Arc<Deployment>) -> Result<(), String> {
+        self.run(|iso| iso.boot_entered(deployment))
+    }
+
+    fn boot_entered(&mut self, deployment: &Arc<Deployment>) -> Result<(), String> {
+        self.loader.assign(deployment.bundle.clone());
+        *self.owner.borrow_mut() = Some(deployment.clone());
+        let entry = serde_json::to_string(&deployment.bundle.entry).map_err(|e| e.to_string())?;
+        let env = serde_json::to_string(&deployment.env_json()).map_err(|e| e.to_string())?;
+        // Take the boot function, then remove it and `Deno` from the global
+        // scope before any tenant code runs.
+        let script = format!(
+            "(() => {{ const k = Symbol.for('atoll.boot'); const boot = globalThis[k]; \
+             delete globalThis[k]; delete globalThis.Deno; boot({entry}, {env}); }})()"
+        );
+        self.js
+            .execute_script("ext:atoll/boot.js", script)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Bytes of V8 heap in use.
+    pub(crate) fn heap_used(&mut self) -> usize {
+        let stats = self.js.v8_isolate().get_heap_statistics();
+        stats.used_heap_size()
+    }
+}
+
+impl Drop for Isolate {
+    fn drop(&mut self) {
+        // Dropping the runtime disposes the isolate, which exits it once:
+        // enter it so that exit is balanced and the thread's stack stays empty.
+        // SAFETY: the isolate is alive until `js` drops right after this.
+        unsafe { self.js.v8_isolate().enter() };
+    }
+}
+
+fn log_console(owner: &Option<Arc<Deployment>>, line: LogLine) {
+    let tenant = owner.as_ref().map(|d| d.tenant.as_str()).unwrap_or("-");
+    let request_id = line.request_id.as_deref().unwrap_or("-");
+    let msg = line.message;
+    match line.level {
+        0 => tracing::debug!(target: "atoll::console", tenant, request_id, "{msg}"),
+        1 => tracing::info!(target: "atoll::console", tenant, request_id, "{msg}"),
+        2 => tracing::warn!(target: "atoll::console", tenant, request_id, "{msg}"),
+        _ => tracing::error!(target: "atoll::console", tenant, request_id, "{msg}"),
+    }
+}

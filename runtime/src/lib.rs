@@ -1,0 +1,212 @@
+//! Atoll's isolate engine.
+//!
+//! Boots V8 isolates from a startup snapshot, runs tenants' module-worker
+//! handlers in them, enforces CPU, wall-clock and heap limits, and schedules
+//! tenants onto worker threads. Knows nothing of HTTP servers, QUIC or the
+//! CLI: callers hand it [`HttpRequest`]s and get back
+//! [`OutgoingResponse`]s.
+
+mod deployment;
+mod extensions;
+mod isolate;
+mod limits;
+mod module_loader;
+mod outbound;
+mod snapshot;
+mod tenant;
+mod worker;
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use atoll_js_api::{FailureKind, OutgoingBody, OutgoingResponse, RequestBody};
+pub use atoll_protocol::Bundle;
+pub use deno_core::ByteString;
+pub use deployment::Deployment;
+pub use limits::{LimitKind, Limits};
+pub use tenant::IsolateInfo;
+pub use worker::WorkerStats;
+
+use crate::limits::CpuWatchdog;
+use crate::tenant::Dispatch;
+use crate::worker::WorkerMsg;
+
+/// A request as the runtime receives it from a server.
+pub struct HttpRequest {
+    /// Request id for logs.
+    pub request_id: String,
+    /// HTTP method.
+    pub method: String,
+    /// Absolute URL the handler sees.
+    pub url: String,
+    /// Header list.
+    pub headers: Vec<(ByteString, ByteString)>,
+    /// Body.
+    pub body: RequestBody,
+}
+
+/// How the runtime is sized.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Worker threads (one per core is right for production).
+    pub threads: usize,
+    /// Pre-booted blank isolates kept per worker thread.
+    pub pool_per_thread: usize,
+    /// Heap limit of pooled isolates (tenants with another limit boot their own).
+    pub default_heap_bytes: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            pool_per_thread: 4,
+            default_heap_bytes: Limits::default().heap_bytes,
+        }
+    }
+}
+
+/// Why a request produced no handler response.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// The handler threw or returned something that is not a Response.
+    #[error("the handler threw: {0}")]
+    Exception(String),
+    /// The script's entry module failed to load or evaluate.
+    #[error("the script failed to start: {0}")]
+    Startup(String),
+    /// A limit was hit.
+    #[error("the script exceeded its {0}: {1}")]
+    Limit(LimitKind, String),
+    /// The runtime is shutting down or the isolate vanished.
+    #[error("the script is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl DispatchError {
+    /// The HTTP status a client should get for this failure.
+    pub fn status(&self) -> u16 {
+        match self {
+            DispatchError::Exception(_) | DispatchError::Startup(_) => 500,
+            DispatchError::Limit(LimitKind::WallClock, _) => 504,
+            DispatchError::Limit(_, _) | DispatchError::Unavailable(_) => 503,
+        }
+    }
+
+    /// A short, internals-free explanation for the client.
+    pub fn public_message(&self) -> &'static str {
+        match self {
+            DispatchError::Exception(_) => "the worker threw an exception",
+            DispatchError::Startup(_) => "the worker failed to start",
+            DispatchError::Limit(LimitKind::Cpu, _) => "the worker exceeded its CPU time limit",
+            DispatchError::Limit(LimitKind::Memory, _) => "the worker exceeded its memory limit",
+            DispatchError::Limit(LimitKind::WallClock, _) => {
+                "the worker did not respond in time"
+            }
+            DispatchError::Unavailable(_) => "the worker is unavailable",
+        }
+    }
+}
+
+/// Failed to start the runtime.
+#[derive(Debug, thiserror::Error)]
+#[error("could not start the runtime: {0}")]
+pub struct StartError(#[from] std::io::Error);
+
+/// The isolate engine: worker threads and the tenants scheduled on them.
+pub struct Runtime {
+    workers: Vec<mpsc::UnboundedSender<WorkerMsg>>,
+}
+
+impl Runtime {
+    /// Starts the worker threads and the CPU watchdog.
+    pub fn start(config: RuntimeConfig) -> Result<Runtime, StartError> {
+        let watchdog = CpuWatchdog::start()?;
+        let threads = config.threads.max(1);
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads {
+            workers.push(worker::spawn(
+                i,
+                config.pool_per_thread,
+                config.default_heap_bytes,
+                watchdog.clone(),
+            )?);
+        }
+        Ok(Runtime { workers })
+    }
+
+    fn worker_for(&self, tenant: &str) -> &mpsc::UnboundedSender<WorkerMsg> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        tenant.hash(&mut h);
+        &self.workers[(h.finish() % self.workers.len() as u64) as usize]
+    }
+
+    /// Runs `request` in `deployment`'s isolate and waits for the response head.
+    pub async fn dispatch(
+        &self,
+        deployment: Arc<Deployment>,
+        request: HttpRequest,
+    ) -> Result<OutgoingResponse, DispatchError> {
+        let wall = deployment.limits.wall_per_request;
+        let (tx, rx) = oneshot::channel();
+        let msg = WorkerMsg::Dispatch {
+            deployment: deployment.clone(),
+            dispatch: Dispatch {
+                request,
+                respond: tx,
+            },
+        };
+        if self.worker_for(&deployment.tenant).send(msg).is_err() {
+            return Err(DispatchError::Unavailable("the runtime has stopped".into()));
+        }
+        // The isolate enforces the wall clock too; this bound also covers a
+        // request stuck in a queue.
+        let outcome = match tokio::time::timeout(wall + wall / 10, rx).await {
+            Err(_) => {
+                return Err(DispatchError::Limit(
+                    LimitKind::WallClock,
+                    format!("no response within {} ms", wall.as_millis()),
+                ));
+            }
+            Ok(Err(_)) => {
+                return Err(DispatchError::Unavailable(
+                    "the isolate stopped before answering".into(),
+                ));
+            }
+            Ok(Ok(outcome)) => outcome,
+        };
+        outcome.map_err(|e| match e.kind {
+            FailureKind::Exception => DispatchError::Exception(e.detail),
+            FailureKind::Startup => DispatchError::Startup(e.detail),
+            FailureKind::CpuLimit => DispatchError::Limit(LimitKind::Cpu, e.detail),
+            FailureKind::MemoryLimit => DispatchError::Limit(LimitKind::Memory, e.detail),
+            FailureKind::WallClockLimit => DispatchError::Limit(LimitKind::WallClock, e.detail),
+            FailureKind::Unavailable => DispatchError::Unavailable(e.detail),
+        })
+    }
+
+    /// Stops `tenant`'s isolate once its in-flight requests finish.
+    pub fn retire(&self, tenant: &str) {
+        let _ = self.worker_for(tenant).send(WorkerMsg::Retire {
+            tenant: tenant.to_string(),
+        });
+    }
+
+    /// Stats of every worker.
+    pub async fn stats(&self) -> Vec<WorkerStats> {
+        let mut out = Vec::new();
+        for w in &self.workers {
+            let (tx, rx) = oneshot::channel();
+            if w.send(WorkerMsg::Stats { reply: tx }).is_ok()
+                && let Ok(s) = rx.await
+            {
+                out.push(s);
+            }
+        }
+        out
+    }
+}

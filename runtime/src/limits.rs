@@ -1,0 +1,216 @@
+//! Resource limits and the CPU-time watchdog that enforces them.
+//!
+//! CPU time is measured with the worker thread's CPU clock
+//! (`pthread_getcpuclockid`), so time the thread spends descheduled or
+//! waiting on I/O is never charged to a tenant. A single watchdog thread
+//! compares each armed worker's clock with its deadline and calls
+//! `terminate_execution` on the isolate that overran.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use deno_core::v8;
+
+/// Limits applied to a tenant's requests and isolate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// CPU time one request may use (handler plus its `waitUntil` work).
+    pub cpu_per_request: Duration,
+    /// CPU time the entry module's top-level evaluation may use.
+    pub cpu_startup: Duration,
+    /// Wall-clock time until the response head must be produced.
+    pub wall_per_request: Duration,
+    /// V8 heap limit of the tenant's isolate.
+    pub heap_bytes: usize,
+}
+
+impl Default for Limits {
+    /// Workers-like defaults: 50 ms CPU, 30 s wall clock, 128 MiB heap.
+    fn default() -> Self {
+        Limits {
+            cpu_per_request: Duration::from_millis(50),
+            cpu_startup: Duration::from_millis(400),
+            wall_per_request: Duration::from_secs(30),
+            heap_bytes: 128 * 1024 * 1024,
+        }
+    }
+}
+
+/// Which limit ended an isolate or request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// CPU time per request (or at startup).
+    Cpu,
+    /// Heap size of the isolate.
+    Memory,
+    /// Wall-clock time per request.
+    WallClock,
+}
+
+impl std::fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LimitKind::Cpu => "CPU time limit",
+            LimitKind::Memory => "memory limit",
+            LimitKind::WallClock => "wall-clock time limit",
+        })
+    }
+}
+
+/// CPU time consumed by the calling thread so far.
+pub fn thread_cpu_time() -> Duration {
+    clock_time(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn clock_time(clock: libc::clockid_t) -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; an invalid clock id only makes
+    // clock_gettime return an error, which leaves `ts` zeroed.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    Duration::new(ts.tv_sec.max(0) as u64, ts.tv_nsec.max(0) as u32)
+}
+
+struct Armed {
+    deadline: Duration,
+    isolate: v8::IsolateHandle,
+    fired: Arc<AtomicBool>,
+}
+
+/// One worker thread's slot in the watchdog.
+pub struct CpuWatch {
+    clock: libc::clockid_t,
+    armed: Mutex<Option<Armed>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    slots: Mutex<Vec<Arc<CpuWatch>>>,
+    any_armed: Mutex<usize>,
+    wake: Condvar,
+}
+
+/// The watchdog thread; one per runtime.
+#[derive(Clone)]
+pub struct CpuWatchdog {
+    shared: Arc<Shared>,
+}
+
+/// How often an armed worker's CPU clock is sampled.
+const SAMPLE_EVERY: Duration = Duration::from_millis(1);
+
+impl CpuWatchdog {
+    /// Starts the watchdog thread.
+    pub fn start() -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            slots: Mutex::new(Vec::new()),
+            any_armed: Mutex::new(0),
+            wake: Condvar::new(),
+        });
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("atoll-cpu-watchdog".into())
+            .spawn(move || watch(s))?;
+        Ok(CpuWatchdog { shared })
+    }
+
+    /// Registers the calling thread; the returned slot arms and disarms
+    /// deadlines for isolates running on it.
+    pub fn register_current_thread(&self) -> Arc<CpuWatch> {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: pthread_self is always valid for the calling thread and
+        // `clock` is a valid out-pointer.
+        let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+        let clock = if rc == 0 {
+            clock
+        } else {
+            libc::CLOCK_THREAD_CPUTIME_ID
+        };
+        let slot = Arc::new(CpuWatch {
+            clock,
+            armed: Mutex::new(None),
+            shared: self.shared.clone(),
+        });
+        lock(&self.shared.slots).push(slot.clone());
+        slot
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave them inconsistent
+    // (plain assignments only), so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl CpuWatch {
+    /// Terminates `isolate` if this thread's CPU clock passes `budget` from now
+    /// before [`CpuWatch::disarm`]; `fired` is set when it does.
+    pub fn arm(&self, budget: Duration, isolate: v8::IsolateHandle, fired: Arc<AtomicBool>) {
+        let deadline = thread_cpu_time() + budget;
+        let was = lock(&self.armed).replace(Armed {
+            deadline,
+            isolate,
+            fired,
+        });
+        if was.is_none() {
+            *lock(&self.shared.any_armed) += 1;
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Stops watching.
+    pub fn disarm(&self) {
+        if lock(&self.armed).take().is_some() {
+            let mut n = lock(&self.shared.any_armed);
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+fn watch(shared: Arc<Shared>) {
+    loop {
+        {
+            let mut n = lock(&shared.any_armed);
+            while *n == 0 {
+                n = shared.wake.wait(n).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        std::thread::sleep(SAMPLE_EVERY);
+        let slots = lock(&shared.slots).clone();
+        for slot in slots {
+            let mut armed = lock(&slot.armed);
+            let overran = armed
+                .as_ref()
+                .is_some_and(|a| clock_time(slot.clock) >= a.deadline);
+            if overran && let Some(a) = armed.take() {
+                a.fired.store(true, Ordering::SeqCst);
+                a.isolate.terminate_execution();
+                let mut n = lock(&shared.any_armed);
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_cpu_clock_counts_work_not_sleep() {
+        let t0 = thread_cpu_time();
+        std::thread::sleep(Duration::from_millis(30));
+        let slept = thread_cpu_time() - t0;
+        assert!(slept < Duration::from_millis(10), "sleep charged {slept:?}");
+        let t1 = thread_cpu_time();
+        let mut x = 0u64;
+        while thread_cpu_time() - t1 < Duration::from_millis(20) {
+            x = x.wrapping_add(1);
+        }
+        assert!(x > 0);
+        assert!(thread_cpu_time() - t1 >= Duration::from_millis(20));
+    }
+}
