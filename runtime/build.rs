@@ -45,7 +45,10 @@ fn main() {
     lazy_js.sort_by_key(|f| f.specifier);
     lazy_esm.sort_by_key(|f| f.specifier);
     let mut table = String::new();
-    for (name, files) in [("RESIDUAL_LAZY_JS", &lazy_js), ("RESIDUAL_LAZY_ESM", &lazy_esm)] {
+    for (name, files) in [
+        ("RESIDUAL_LAZY_JS", &lazy_js),
+        ("RESIDUAL_LAZY_ESM", &lazy_esm),
+    ] {
         writeln!(table, "pub static {name}: &[(&str, &str)] = &[").unwrap();
         for f in files.iter() {
             if consumed.contains(f.specifier) {

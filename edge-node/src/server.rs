@@ -201,7 +201,10 @@ fn plain(status: StatusCode, request_id: &str, text: String) -> Response<Respons
     resp
 }
 
-fn build_response(resp: atoll_runtime::OutgoingResponse, request_id: &str) -> Response<ResponseBody> {
+fn build_response(
+    resp: atoll_runtime::OutgoingResponse,
+    request_id: &str,
+) -> Response<ResponseBody> {
     let status = match StatusCode::from_u16(resp.status) {
         Ok(s) => s,
         Err(_) => {

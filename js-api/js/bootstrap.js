@@ -89,6 +89,8 @@ const fetch = core.loadExtScript("ext:deno_fetch/26_fetch.js");
 /** The id of the request whose handler (or its continuations) is running. */
 const currentRequest = new core.AsyncVariable();
 
+// Tenant output goes to logs and JSON, never a terminal: no ANSI colors.
+consoleMod.setNoColorFns(() => true, () => true);
 const tenantConsole = new consoleMod.Console((msg, level) => {
   // Console levels: 0 debug, 1 log/info, 2 warn, 3 error. Drop the trailing
   // newline the formatter adds; the host prints lines.

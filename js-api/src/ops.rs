@@ -15,8 +15,8 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::bridge::{
-    BodyChunks, FailureKind, HandlerError, HostBridge, LogLine, OutgoingBody, OutgoingResponse, Pending,
-    RequestBody,
+    BodyChunks, FailureKind, HandlerError, HostBridge, LogLine, OutgoingBody, OutgoingResponse,
+    Pending, RequestBody,
 };
 
 /// How many response chunks may wait for the client before JS is paused.

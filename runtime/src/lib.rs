@@ -104,9 +104,7 @@ impl DispatchError {
             DispatchError::Startup(_) => "the worker failed to start",
             DispatchError::Limit(LimitKind::Cpu, _) => "the worker exceeded its CPU time limit",
             DispatchError::Limit(LimitKind::Memory, _) => "the worker exceeded its memory limit",
-            DispatchError::Limit(LimitKind::WallClock, _) => {
-                "the worker did not respond in time"
-            }
+            DispatchError::Limit(LimitKind::WallClock, _) => "the worker did not respond in time",
             DispatchError::Unavailable(_) => "the worker is unavailable",
         }
     }

@@ -66,7 +66,12 @@ impl ModuleLoader for BundleLoader {
 
     fn get_source_map(&self, file_name: &str) -> Option<Cow<'_, [u8]>> {
         let bundle = self.bundle.borrow();
-        let map = bundle.as_ref()?.modules.get(file_name)?.source_map.as_ref()?;
+        let map = bundle
+            .as_ref()?
+            .modules
+            .get(file_name)?
+            .source_map
+            .as_ref()?;
         Some(Cow::Owned(map.as_bytes().to_vec()))
     }
 }

@@ -195,7 +195,10 @@ async fn drive(
 ) -> (FailureKind, String) {
     let limits = deployment.limits;
     let (_, booted_placeholder) = oneshot::channel();
-    let mut booted = Some(std::mem::replace(&mut isolate.host.booted, booted_placeholder));
+    let mut booted = Some(std::mem::replace(
+        &mut isolate.host.booted,
+        booted_placeholder,
+    ));
     if let Err(e) = isolate.boot(deployment) {
         return (FailureKind::Startup, e);
     }
@@ -257,16 +260,6 @@ async fn drive(
             };
             return Poll::Ready((FailureKind::CpuLimit, what));
         }
-        match polled {
-            Poll::Ready(Err(e)) => {
-                return Poll::Ready((FailureKind::Exception, format!("isolate failed: {e}")));
-            }
-            Poll::Ready(Ok(())) => {
-                return Poll::Ready((FailureKind::Unavailable, "no more work".into()));
-            }
-            Poll::Pending => {}
-        }
-
         if let Some(rx) = booted.as_mut() {
             match std::pin::Pin::new(rx).poll(cx) {
                 Poll::Ready(Ok(Ok(()))) => booted = None,
@@ -279,6 +272,16 @@ async fn drive(
                 }
                 Poll::Pending => {}
             }
+        }
+
+        match polled {
+            Poll::Ready(Err(e)) => {
+                return Poll::Ready((FailureKind::Exception, format!("isolate failed: {e}")));
+            }
+            Poll::Ready(Ok(())) => {
+                return Poll::Ready((FailureKind::Unavailable, "no more work".into()));
+            }
+            Poll::Pending => {}
         }
 
         // Finished requests leave; those past the wall clock are failed.

@@ -104,34 +104,26 @@ pub fn build(entry: &Path, root: &Path) -> Result<Built, BuildError> {
         };
         modules.insert(spec.to_string(), module);
         for specifier in imports {
-            let resolved = spec.join(&specifier).map_err(|e| BuildError::Import {
+            let import_error = |why: String| BuildError::Import {
                 file: path.display().to_string(),
                 specifier: specifier.clone(),
-                why: e.to_string(),
-            })?;
-            if !specifier.starts_with("./")
-                && !specifier.starts_with("../")
-                && !specifier.starts_with('/')
-            {
-                return Err(BuildError::Import {
-                    file: path.display().to_string(),
-                    specifier,
-                    why: "only relative imports of project files are supported".into(),
-                });
-            }
-            let target = root.join(resolved.path().trim_start_matches('/'));
+                why,
+            };
+            let target = if let Some(abs) = specifier.strip_prefix('/') {
+                root.join(abs)
+            } else if specifier.starts_with("./") || specifier.starts_with("../") {
+                path.parent().unwrap_or(&root).join(&specifier)
+            } else {
+                return Err(import_error(
+                    "only relative imports of project files are supported".into(),
+                ));
+            };
             if !target.is_file() {
-                return Err(BuildError::Import {
-                    file: path.display().to_string(),
-                    specifier,
-                    why: format!("{} does not exist", target.display()),
-                });
+                return Err(import_error(format!("{} does not exist", target.display())));
             }
             let target = canonical(&target)?;
-            let target_spec = specifier_for(&target, &root).ok_or_else(|| BuildError::Import {
-                file: path.display().to_string(),
-                specifier: specifier.clone(),
-                why: format!("it is outside the project root {}", root.display()),
+            let target_spec = specifier_for(&target, &root).ok_or_else(|| {
+                import_error(format!("it is outside the project root {}", root.display()))
             })?;
             queue.push_back((target, target_spec));
         }
@@ -247,13 +239,20 @@ mod tests {
         assert!(main.source_map.is_some());
 
         std::fs::write(root.join("bad.ts"), "import x from 'npm:left-pad';\n").expect("write");
-        let err = build(&root.join("bad.ts"), root).err().expect("bare import refused");
+        let err = build(&root.join("bad.ts"), root)
+            .err()
+            .expect("bare import refused");
         assert!(err.to_string().contains("only relative imports"), "{err}");
 
         let inner = root.join("inner");
         std::fs::create_dir(&inner).expect("mkdir");
         std::fs::write(inner.join("esc.ts"), "import '../lib.ts';\n").expect("write");
-        let err = build(&inner.join("esc.ts"), &inner).err().expect("escape refused");
-        assert!(err.to_string().contains("outside the project root"), "{err}");
+        let err = build(&inner.join("esc.ts"), &inner)
+            .err()
+            .expect("escape refused");
+        assert!(
+            err.to_string().contains("outside the project root"),
+            "{err}"
+        );
     }
 }

@@ -115,7 +115,10 @@ fn parse_entries(args: &DevArgs) -> anyhow::Result<Vec<Entry>> {
         let root = match &args.root {
             Some(r) => r.clone(),
             None if abs.starts_with(&cwd) => cwd.clone(),
-            None => abs.parent().map(Path::to_path_buf).unwrap_or_else(|| cwd.clone()),
+            None => abs
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| cwd.clone()),
         };
         let stem = abs
             .file_stem()
@@ -177,9 +180,9 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         let runtime = Arc::new(Runtime::start(config)?);
         let node = EdgeNode::new(runtime, routes);
         let addr = SocketAddr::new(args.host, args.port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on {addr} (is another server using it? try --port)"))?;
+        let listener = TcpListener::bind(addr).await.with_context(|| {
+            format!("listening on {addr} (is another server using it? try --port)")
+        })?;
         let local = listener.local_addr()?;
         println!("atoll dev: listening on http://{local}");
         for e in &setup.entries {
@@ -205,6 +208,7 @@ fn init_tracing() {
         .unwrap_or_else(|_| EnvFilter::new("info,atoll::console=debug"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }

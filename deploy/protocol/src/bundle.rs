@@ -54,7 +54,9 @@ pub enum BundleError {
     #[error("bundle is malformed: {0}")]
     Malformed(String),
     /// A version this node does not understand.
-    #[error("bundle format version {0} is not supported (this node reads version {FORMAT_VERSION})")]
+    #[error(
+        "bundle format version {0} is not supported (this node reads version {FORMAT_VERSION})"
+    )]
     Version(u32),
     /// The entry module is missing.
     #[error("bundle entry {0:?} is not one of its modules")]

@@ -1,0 +1,285 @@
+//! Handler contract: module and service-worker forms, JS and TS, Web APIs,
+//! errors.
+
+use crate::harness::{Dev, client};
+
+#[tokio::test]
+async fn js_module_worker_sees_request_env_and_ctx() {
+    let dev = Dev::start(
+        &[(
+            "worker.js",
+            r#"
+            let waited = 0;
+            export default {
+              async fetch(request, env, ctx) {
+                const url = new URL(request.url);
+                if (url.pathname === "/waited") return new Response(String(waited));
+                ctx.waitUntil(new Promise((r) => setTimeout(() => { waited++; r(); }, 10)));
+                const body = request.method === "POST" ? await request.text() : "";
+                return Response.json({
+                  method: request.method,
+                  path: url.pathname,
+                  query: url.searchParams.get("q"),
+                  header: request.headers.get("x-test"),
+                  body,
+                  greeting: env.GREETING,
+                }, { status: 201, headers: { "x-handler": "js" } });
+              },
+            };
+            "#,
+        )],
+        &["worker.js", "--var", "GREETING=hi there"],
+    );
+    let c = client();
+    let resp = c
+        .post(dev.url("/path/x?q=1"))
+        .header("x-test", "yes")
+        .body("payload")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 201);
+    assert_eq!(resp.headers()["x-handler"], "js");
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let v: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "method": "POST", "path": "/path/x", "query": "1", "header": "yes",
+            "body": "payload", "greeting": "hi there"
+        })
+    );
+    // waitUntil work outlives the response and runs to completion.
+    let mut waited = String::new();
+    for _ in 0..100 {
+        waited = c
+            .get(dev.url("/waited"))
+            .send()
+            .await
+            .expect("request")
+            .text()
+            .await
+            .expect("text");
+        if waited == "1" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(waited, "1");
+    // One log line per request.
+    let log = dev.wait_for_log("GET /waited 200").await;
+    assert!(log.contains("POST /path/x?q=1 201"), "{log}");
+}
+
+#[tokio::test]
+async fn typescript_graph_with_js_and_json_imports() {
+    let dev = Dev::start(
+        &[
+            (
+                "src/main.ts",
+                r#"
+                import { greet } from "./lib/greet.ts";
+                import { twice } from "./lib/math.js";
+                import data from "./data.json" with { type: "json" };
+                import type { Shape } from "./types.ts";
+
+                interface Env { NAME: string }
+                const shape: Shape = { sides: twice(data.base) };
+
+                export default {
+                  fetch(_req: Request, env: Env): Response {
+                    console.log("typed log", shape.sides);
+                    return new Response(`${greet(env.NAME)} ${shape.sides}`);
+                  },
+                } satisfies ExportedHandler<Env>;
+                type ExportedHandler<E> = { fetch(r: Request, e: E): Response };
+                "#,
+            ),
+            (
+                "src/lib/greet.ts",
+                "export function greet(name: string): string { return `hello ${name}`; }\n",
+            ),
+            ("src/lib/math.js", "export const twice = (n) => n * 2;\n"),
+            ("src/data.json", r#"{ "base": 21 }"#),
+            ("src/types.ts", "export interface Shape { sides: number }\n"),
+        ],
+        &["src/main.ts", "--var", "NAME=atoll"],
+    );
+    let body = client()
+        .get(dev.url("/"))
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(body, "hello atoll 42");
+    // console.log output is shown, tagged with tenant and request id.
+    let log = dev.wait_for_log("typed log 42").await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("typed log 42"))
+        .expect("console line");
+    assert!(line.contains("tenant=\"main\""), "{line}");
+    assert!(line.contains("request_id="), "{line}");
+}
+
+#[tokio::test]
+async fn service_worker_form() {
+    let dev = Dev::start(
+        &[(
+            "sw.js",
+            r#"
+            addEventListener("fetch", (event) => {
+              event.waitUntil(Promise.resolve());
+              event.respondWith((async () => {
+                const n = await event.request.json();
+                return new Response(`sum=${n.a + n.b}`, { headers: { "x-form": "sw" } });
+              })());
+            });
+            "#,
+        )],
+        &["sw.js"],
+    );
+    let resp = client()
+        .post(dev.url("/"))
+        .body(r#"{"a":2,"b":3}"#)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.headers()["x-form"], "sw");
+    assert_eq!(resp.text().await.expect("text"), "sum=5");
+}
+
+#[tokio::test]
+async fn web_platform_apis() {
+    let dev = Dev::start(
+        &[(
+            "apis.js",
+            r#"
+            export default {
+              async fetch(request) {
+                const out = {};
+                const u = new URL("../b?x=1#h", "https://example.com/a/c");
+                out.url = u.href;
+                out.params = new URLSearchParams("a=1&a=2").getAll("a");
+                const bytes = new TextEncoder().encode("héllo");
+                out.encoded = bytes.length;
+                out.decoded = new TextDecoder().decode(bytes);
+                const original = { d: new Date(0), m: new Map([[1, { n: [1, 2] }]]) };
+                const copy = structuredClone(original);
+                out.cloneIsDeep = copy.m.get(1) !== original.m.get(1) && copy.m.get(1).n[1] === 2 &&
+                  copy.d.getTime() === 0;
+                const ac = new AbortController();
+                let abortedWith = null;
+                ac.signal.addEventListener("abort", () => { abortedWith = ac.signal.reason.name; });
+                ac.abort();
+                out.aborted = ac.signal.aborted && abortedWith === "AbortError";
+                const req2 = request.clone();
+                out.cloneBodies = [await request.text(), await req2.text()];
+                out.b64 = btoa("atoll");
+                out.digest = [...new Uint8Array(await crypto.subtle.digest("SHA-256", bytes))]
+                  .slice(0, 4);
+                out.uuid = typeof crypto.randomUUID() === "string";
+                out.noDeno = typeof Deno === "undefined";
+                return Response.json(out);
+              },
+            };
+            "#,
+        )],
+        &["apis.js"],
+    );
+    let v: serde_json::Value = client()
+        .post(dev.url("/"))
+        .body("twice")
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["url"], "https://example.com/b?x=1#h");
+    assert_eq!(v["params"], serde_json::json!(["1", "2"]));
+    assert_eq!(v["encoded"], 6);
+    assert_eq!(v["decoded"], "héllo");
+    assert_eq!(v["cloneIsDeep"], true);
+    assert_eq!(v["aborted"], true);
+    assert_eq!(v["cloneBodies"], serde_json::json!(["twice", "twice"]));
+    assert_eq!(v["b64"], "YXRvbGw=");
+    // sha256("héllo") starts with these bytes (checked with sha2 below).
+    use sha2::Digest;
+    let expected: Vec<u8> = sha2::Sha256::digest("héllo".as_bytes())[..4].to_vec();
+    assert_eq!(v["digest"], serde_json::json!(expected));
+    assert_eq!(v["uuid"], true);
+    assert_eq!(
+        v["noDeno"], true,
+        "the Deno namespace must not leak to tenants"
+    );
+}
+
+#[tokio::test]
+async fn exceptions_give_500_without_internals_and_a_source_mapped_log() {
+    let dev = Dev::start(
+        &[(
+            "boom.ts",
+            // The throw is on line 6 of the .ts file; types before it shift
+            // the emitted JS, so a correct line proves the source map works.
+            "type Id = string;\ninterface Thing { id: Id; size: number }\nfunction check(t: Thing): void {\n  if (t.size > 1) {\n    // secret-internal-detail\n    throw new Error(`bad thing ${t.id}: secret-internal-detail`);\n  }\n}\nexport default {\n  fetch(req: Request): Response {\n    if (new URL(req.url).pathname === '/reject') {\n      Promise.reject(new Error('nobody listens'));\n      return new Response('still fine');\n    }\n    check({ id: 'x', size: 2 });\n    return new Response('unreachable');\n  },\n};\n",
+        )],
+        &["boom.ts"],
+    );
+    let c = client();
+    let resp = c.get(dev.url("/")).send().await.expect("request");
+    assert_eq!(resp.status(), 500);
+    let rid = resp.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    let body = resp.text().await.expect("text");
+    assert!(!body.contains("secret"), "internals leaked: {body}");
+    assert!(body.contains(&rid), "{body}");
+    let log = dev.wait_for_log("secret-internal-detail").await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("GET / 500"))
+        .expect("request log line");
+    assert!(line.contains(&rid), "{line}");
+    assert!(line.contains("tenant=boom"), "{line}");
+    assert!(
+        log.contains("boom.ts:6:"),
+        "stack must point at the .ts line: {log}"
+    );
+
+    // An unhandled rejection is logged and does not take the isolate down.
+    let resp = c.get(dev.url("/reject")).send().await.expect("request");
+    assert_eq!(resp.text().await.expect("text"), "still fine");
+    dev.wait_for_log("nobody listens").await;
+}
+
+#[tokio::test]
+async fn startup_errors_are_reported() {
+    let dev = Dev::start(
+        &[
+            (
+                "bad.js",
+                "throw new Error('top-level failure');\nexport default {};\n",
+            ),
+            ("nohandler.js", "export const x = 1;\n"),
+        ],
+        &["bad.js", "other.local=nohandler.js"],
+    );
+    let c = client();
+    let resp = c.get(dev.url("/")).send().await.expect("request");
+    assert_eq!(resp.status(), 500);
+    assert!(!resp.text().await.expect("text").contains("top-level"));
+    dev.wait_for_log("top-level failure").await;
+
+    let resp = c
+        .get(dev.url("/"))
+        .header("host", "other.local")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 500);
+    dev.wait_for_log("has no handler").await;
+}

@@ -1,0 +1,57 @@
+//! `atoll dev` rebuilds when a file of the module graph changes.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{Dev, client};
+
+async fn body(dev: &Dev) -> String {
+    client()
+        .get(dev.url("/"))
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("text")
+}
+
+#[tokio::test]
+async fn editing_an_imported_file_reloads_and_syntax_errors_keep_the_old_version() {
+    let dev = Dev::start(
+        &[
+            (
+                "main.ts",
+                "import { v } from './version.ts';\nexport default { fetch: () => new Response(v) };\n",
+            ),
+            ("version.ts", "export const v: string = 'v1';\n"),
+        ],
+        &["main.ts"],
+    );
+    assert_eq!(body(&dev).await, "v1");
+
+    dev.write("version.ts", "export const v: string = 'v2';\n");
+    let started = Instant::now();
+    loop {
+        if body(&dev).await == "v2" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dev.out().contains("reloaded (2 modules)"), "{}", dev.out());
+
+    // A broken edit is reported and the last good version keeps serving.
+    dev.write("version.ts", "export const v: string = ;\n");
+    let started = Instant::now();
+    while !dev.out().contains("reload failed") {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no reload error shown"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(body(&dev).await, "v2");
+}

@@ -1,0 +1,155 @@
+//! Starts real `atoll` processes and talks to them over loopback.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A running `atoll dev` process; killed on drop.
+pub struct Dev {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    /// The project directory the handlers live in.
+    pub dir: tempfile::TempDir,
+}
+
+/// Files of a test project: `(relative path, contents)`.
+pub type Files<'a> = &'a [(&'a str, &'a str)];
+
+impl Dev {
+    /// Writes `files` into a fresh directory and runs `atoll dev` there with `args`
+    /// (entries are relative to that directory).
+    pub fn start(files: Files<'_>, args: &[&str]) -> Dev {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            write(dir.path(), name, text);
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_atoll"))
+            .arg("dev")
+            .args(["--port", "0"])
+            .args(if args.contains(&"--threads") {
+                &[][..]
+            } else {
+                &["--threads", "2"][..]
+            })
+            .args(args)
+            .current_dir(dir.path())
+            .env("ATOLL_LOG", "info,atoll::console=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn atoll dev");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        pump(child.stdout.take().expect("stdout"), stdout.clone());
+        pump(child.stderr.take().expect("stderr"), stderr.clone());
+        let started = Instant::now();
+        let base = loop {
+            if let Some(line) = stdout
+                .lock()
+                .expect("lock")
+                .lines()
+                .find(|l| l.contains("listening on http://"))
+            {
+                let url = line.split("listening on ").nth(1).expect("url").trim();
+                break url.to_string();
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "atoll dev exited with {status}\nstdout:\n{}\nstderr:\n{}",
+                    stdout.lock().expect("lock"),
+                    stderr.lock().expect("lock")
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "atoll dev did not start in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Dev {
+            child,
+            base,
+            stdout,
+            stderr,
+            dir,
+        }
+    }
+
+    /// `base` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Everything the process wrote to stderr (its log) so far.
+    pub fn log(&self) -> String {
+        self.stderr.lock().expect("lock").clone()
+    }
+
+    /// Everything the process wrote to stdout so far.
+    pub fn out(&self) -> String {
+        self.stdout.lock().expect("lock").clone()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        let started = Instant::now();
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "log never contained {needle:?}; log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Rewrites a project file.
+    pub fn write(&self, name: &str, text: &str) {
+        write(self.dir.path(), name, text);
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    let path: PathBuf = dir.join(name);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).expect("mkdir");
+    }
+    std::fs::write(path, text).expect("write file");
+}
+
+fn pump(src: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(src).lines() {
+            let Ok(line) = line else { break };
+            let mut s = into.lock().expect("lock");
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+}
+
+/// An HTTP client for loopback tests.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}

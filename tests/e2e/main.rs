@@ -1,0 +1,9 @@
+//! End-to-end tests: real `atoll` processes, real HTTP clients.
+
+mod harness;
+
+mod dev_handlers;
+mod dev_isolation;
+mod dev_limits;
+mod dev_reload;
+mod dev_streaming;
