@@ -78,13 +78,23 @@ impl Isolate {
 
     /// Runs `f` with this isolate entered as the thread's current isolate.
     pub(crate) fn run<R>(&mut self, f: impl FnOnce(&mut Isolate) -> R) -> R {
-        // SAFETY: enter/exit are balanced around `f`, and isolates on this
-        // thread are never used re-entrantly, so the thread's isolate stack
-        // is always empty outside of `run`.
-        unsafe { self.js.v8_isolate().enter() };
-        let r = f(self);
-        unsafe { self.js.v8_isolate().exit() };
-        r
+        /// Exits the isolate even if `f` unwinds, so a panic never leaves a
+        /// dead isolate as the thread's current one.
+        struct Exit(*mut v8::Isolate);
+        impl Drop for Exit {
+            fn drop(&mut self) {
+                // SAFETY: the pointer is the isolate entered just below; it
+                // outlives this guard, which lives inside `run`'s borrow.
+                unsafe { (*self.0).exit() };
+            }
+        }
+        let raw: *mut v8::Isolate = &mut **self.js.v8_isolate();
+        // SAFETY: enter/exit are balanced (the guard exits), and isolates on
+        // this thread are never used re-entrantly, so the thread's isolate
+        // stack is empty outside of `run`.
+        unsafe { (*raw).enter() };
+        let _exit = Exit(raw);
+        f(self)
     }
 
     /// Hands the isolate to `deployment` and starts evaluating its entry

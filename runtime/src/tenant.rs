@@ -139,6 +139,9 @@ impl TenantSlot {
                 );
             }
             Err(incoming) => {
+                // The isolate's task is gone (it ended or panicked): the
+                // next request starts a fresh one.
+                st.ended = true;
                 let _ = incoming.respond.send(Err(HandlerError {
                     kind: FailureKind::Unavailable,
                     detail: "the isolate has stopped".into(),
