@@ -433,10 +433,30 @@ async function boot(entry, envJson) {
   serve();
 }
 
-// The host reaches `boot` through this symbol, then deletes it (and
-// `Deno`) so tenant code never sees the runtime's internals.
-ObjectDefineProperty(globalThis, Symbol.for("atoll.boot"), {
-  value: boot,
+/**
+ * Prepares a pre-booted isolate before any tenant owns it: hides the
+ * runtime's internals and warms the request path. Returns the function that
+ * later boots the tenant.
+ */
+function prepare() {
+  delete globalThis.Deno;
+  warmUpRequestPath();
+  return boot;
+}
+
+// The host calls `prepare` through this symbol once per isolate and keeps
+// `boot` under a second symbol until a tenant takes the isolate; both are
+// deleted before any tenant code runs.
+ObjectDefineProperty(globalThis, Symbol.for("atoll.prepare"), {
+  value: () => {
+    delete globalThis[Symbol.for("atoll.prepare")];
+    ObjectDefineProperty(globalThis, Symbol.for("atoll.boot"), {
+      value: prepare(),
+      configurable: true,
+      enumerable: false,
+      writable: false,
+    });
+  },
   configurable: true,
   enumerable: false,
   writable: false,
@@ -451,3 +471,51 @@ core.setUnhandledPromiseRejectionHandler((_promise, reason) => {
 core.setReportExceptionCallback((error) => {
   tenantConsole.error("Uncaught", error);
 });
+
+// Runs the request path once while the snapshot is built, so the bytecode of
+// everything a first request touches (Request/Response/Headers construction,
+// webidl conversions, URL parsing, body extraction) is in the snapshot and a
+// tenant's first request does not pay for compiling it. No ops with host
+// state are called and nothing created here outlives the snapshot.
+function warmUpRequestPath() {
+  const headerList = [["content-type", "text/plain"], ["x-warm", "1"]];
+  const inner = newInnerRequest(
+    "POST",
+    "http://warmup.invalid/path?q=1",
+    () => headerList,
+    null,
+    false,
+  );
+  const req = fromInnerRequest(inner, "immutable");
+  const url = new URL(req.url);
+  const seen = [req.method, url.pathname, url.searchParams.get("q"), req.headers.get("x-warm")];
+  for (const [, v] of req.headers) seen.push(v);
+  const responses = [
+    new Response("hello"),
+    new Response(`templated ${seen.length}`, {
+      status: 201,
+      headers: { "content-type": "text/plain; charset=utf-8", "x-a": "b" },
+    }),
+    Response.json({ ok: true, n: 1 }),
+    new Response(new Uint8Array(1)),
+    new Response(null, { status: 204 }),
+    new Response(new ReadableStream()),
+  ];
+  for (let i = 0; i < responses.length; i++) {
+    const resp = responses[i];
+    resp.headers.get("content-type");
+    const innerResp = toInnerResponse(resp);
+    seen.push(innerResp.status, innerResp.headerList.length);
+    if (innerResp.body !== null) {
+      const src = innerResp.body.streamOrStatic;
+      if (!isReadableStream(src) && typeof src.body === "string") {
+        seen.push(core.encode(src.body).byteLength);
+      }
+    }
+  }
+  const h = new Headers({ a: "b" });
+  h.set("c", "d");
+  new TextDecoder().decode(new TextEncoder().encode("warm"));
+  return seen.length;
+}
+warmUpRequestPath();

@@ -60,6 +60,15 @@ impl Isolate {
             handle.terminate_execution();
             current + HEAP_HEADROOM
         });
+        // Hide the runtime's internals and warm the request path now, while
+        // no request is waiting.
+        if let Err(e) = js.execute_script(
+            "ext:atoll/prepare.js",
+            "globalThis[Symbol.for('atoll.prepare')]()",
+        ) {
+            // Only a bug in the runtime's own JS gets here.
+            tracing::error!("preparing an isolate failed: {e}");
+        }
         // V8 tracks one "current" isolate per thread and a new isolate is
         // entered on creation. Many isolates share this thread, so each is
         // entered only while it runs (see `Isolate::run`), never left entered.
@@ -108,11 +117,11 @@ impl Isolate {
         *self.owner.borrow_mut() = Some(deployment.clone());
         let entry = serde_json::to_string(&deployment.bundle.entry).map_err(|e| e.to_string())?;
         let env = serde_json::to_string(&deployment.env_json()).map_err(|e| e.to_string())?;
-        // Take the boot function, then remove it and `Deno` from the global
-        // scope before any tenant code runs.
+        // Take the boot function and remove it from the global scope before
+        // any tenant code runs.
         let script = format!(
             "(() => {{ const k = Symbol.for('atoll.boot'); const boot = globalThis[k]; \
-             delete globalThis[k]; delete globalThis.Deno; boot({entry}, {env}); }})()"
+             delete globalThis[k]; boot({entry}, {env}); }})()"
         );
         self.js
             .execute_script("ext:atoll/boot.js", script)
