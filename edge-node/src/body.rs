@@ -61,12 +61,17 @@ pub fn response_body(body: OutgoingBody) -> ResponseBody {
     match body {
         OutgoingBody::Empty => full(Bytes::new()),
         OutgoingBody::Full(b) => full(b),
-        OutgoingBody::Stream(rx) => ChannelBody { rx }.boxed_unsync(),
+        OutgoingBody::Stream(rx) => ChannelBody {
+            rx,
+            finished: false,
+        }
+        .boxed_unsync(),
     }
 }
 
 struct ChannelBody {
     rx: mpsc::Receiver<Result<Bytes, String>>,
+    finished: bool,
 }
 
 impl Body for ChannelBody {
@@ -77,12 +82,27 @@ impl Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
         match self.rx.poll_recv(cx) {
+            // The empty chunk marks a body that ended normally.
+            Poll::Ready(Some(Ok(b))) if b.is_empty() => {
+                self.finished = true;
+                Poll::Ready(None)
+            }
             Poll::Ready(Some(Ok(b))) => Poll::Ready(Some(Ok(Frame::data(b)))),
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyAborted(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            // Closed without the end marker: the isolate went away mid-body.
+            Poll::Ready(None) => Poll::Ready(Some(Err(BodyAborted(
+                "the worker stopped before finishing the response body".into(),
+            )))),
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
     }
 
     fn size_hint(&self) -> SizeHint {

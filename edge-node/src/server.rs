@@ -223,6 +223,10 @@ fn build_response(
             HeaderName::from_bytes(&name),
             HeaderValue::from_bytes(&value),
         ) {
+            // Framing belongs to the server: a tenant-chosen content-length
+            // that disagrees with the body would desynchronize keep-alive
+            // connections (response smuggling).
+            (Ok(n), Ok(_)) if is_hop_by_hop(&n) => {}
             (Ok(n), Ok(v)) => {
                 headers.append(n, v);
             }
@@ -230,4 +234,18 @@ fn build_response(
         }
     }
     out
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "keep-alive"
+            | "upgrade"
+            | "te"
+            | "trailer"
+            | "proxy-connection"
+    )
 }

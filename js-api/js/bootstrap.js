@@ -255,15 +255,18 @@ let moduleHandler = null;
 /** The frozen `env` object handed to every `fetch(request, env, ctx)`. */
 let env = ObjectFreeze({ __proto__: null });
 
-/** Formats an error for the host's log: message plus (source-mapped) stack. */
+/**
+ * Formats an error for the host's log: message plus (source-mapped) stack.
+ * Never throws, whatever getters the tenant put on the error.
+ */
 function formatError(e) {
-  if (ObjectPrototypeIsPrototypeOf(ErrorPrototype, e)) {
-    return e.stack ?? `${e.name}: ${e.message}`;
-  }
   try {
+    if (ObjectPrototypeIsPrototypeOf(ErrorPrototype, e)) {
+      return String(e.stack ?? `${e.name}: ${e.message}`);
+    }
     return `Uncaught (not an Error) ${consoleMod.inspect(e)}`;
   } catch {
-    return `Uncaught (not an Error) ${String(e)}`;
+    return "Uncaught error (it could not be formatted)";
   }
 }
 
@@ -303,14 +306,15 @@ async function streamBody(id, stream) {
       if (!open) {
         // The client went away: tell the producer.
         await reader.cancel("client disconnected");
-        op_atoll_body_close(id, null);
+        await op_atoll_body_close(id, null);
         return;
       }
     }
-    op_atoll_body_close(id, null);
+    await op_atoll_body_close(id, null);
   } catch (e) {
-    op_atoll_body_close(id, formatError(e));
-    throw e;
+    // The head is already out: the client sees a cut body, the log the error.
+    tenantConsole.error("Uncaught (in response body stream)", e);
+    await op_atoll_body_close(id, formatError(e));
   }
 }
 
@@ -402,7 +406,13 @@ async function serve() {
   while (true) {
     const head = await op_atoll_next_request();
     if (head === null) return;
-    handle(head);
+    try {
+      handle(head);
+    } catch (e) {
+      // Only a poisoned environment gets here; keep serving the others.
+      op_atoll_respond_error(head.id, formatError(e));
+      op_atoll_request_done(head.id);
+    }
   }
 }
 
@@ -439,7 +449,9 @@ async function boot(entry, envJson) {
  * later boots the tenant.
  */
 function prepare() {
+  // `Deno.core` and `__bootstrap` reach every op; tenants get neither.
   delete globalThis.Deno;
+  delete globalThis.__bootstrap;
   warmUpRequestPath();
   return boot;
 }

@@ -50,7 +50,9 @@ pub enum OutgoingBody {
     Empty,
     /// A body known in full when the response was returned.
     Full(Bytes),
-    /// A body produced chunk by chunk by a `ReadableStream`.
+    /// A body produced chunk by chunk by a `ReadableStream`. An empty chunk
+    /// marks the normal end; a channel that closes without it (or an `Err`)
+    /// means the body was cut short.
     Stream(mpsc::Receiver<Result<Bytes, String>>),
 }
 
@@ -106,6 +108,9 @@ pub type LogSink = Rc<dyn Fn(LogLine)>;
 
 pub(crate) struct Pending {
     pub(crate) request_id: String,
+    /// The request body resource, closed when the request finishes so an
+    /// unread upload does not hold the client's connection.
+    pub(crate) body_rid: Option<deno_core::ResourceId>,
     pub(crate) respond: Option<oneshot::Sender<Result<OutgoingResponse, HandlerError>>>,
     pub(crate) body: Option<mpsc::Sender<Result<Bytes, String>>>,
     pub(crate) done: Option<oneshot::Sender<()>>,

@@ -111,6 +111,7 @@ pub async fn op_atoll_next_request(state: Rc<RefCell<OpState>>) -> Option<Reques
         req.id,
         Pending {
             request_id: req.request_id.clone(),
+            body_rid,
             respond: Some(req.respond),
             body: None,
             done: Some(req.done),
@@ -203,14 +204,23 @@ pub async fn op_atoll_body_write(
 
 /// Ends a streamed body; with `error`, the client sees the body cut short.
 #[op2]
-pub fn op_atoll_body_close(state: &mut OpState, id: u32, #[string] error: Option<String>) {
-    let tx = bridge(state)
-        .pending
-        .borrow_mut()
-        .get_mut(&id)
-        .and_then(|p| p.body.take());
-    if let (Some(tx), Some(error)) = (tx, error) {
-        let _ = tx.try_send(Err(error));
+pub async fn op_atoll_body_close(
+    state: Rc<RefCell<OpState>>,
+    id: u32,
+    #[string] error: Option<String>,
+) {
+    let tx = {
+        let state = state.borrow();
+        let mut pending = bridge(&state).pending.borrow_mut();
+        pending.get_mut(&id).and_then(|p| p.body.take())
+    };
+    if let Some(tx) = tx {
+        // The empty chunk is the end marker (real chunks are never empty).
+        let last = match error {
+            None => Ok(Bytes::new()),
+            Some(e) => Err(e),
+        };
+        let _ = tx.send(last).await;
     }
 }
 
@@ -232,6 +242,12 @@ pub fn op_atoll_respond_error(state: &mut OpState, id: u32, #[string] detail: &s
 pub fn op_atoll_request_done(state: &mut OpState, id: u32) {
     let removed = bridge(state).pending.borrow_mut().remove(&id);
     if let Some(mut p) = removed {
+        if let Some(rid) = p.body_rid.take() {
+            // Already gone if JS read it to the end; that is fine.
+            if let Ok(body) = state.resource_table.take_any(rid) {
+                body.close();
+            }
+        }
         if let Some(tx) = p.respond.take() {
             let _ = tx.send(Err(HandlerError {
                 kind: FailureKind::Exception,

@@ -22,7 +22,11 @@ pub struct Deployment {
     pub vars: BTreeMap<String, String>,
     /// Limits for this tenant.
     pub limits: Limits,
+    /// Creation order within this process; newer deployments win.
+    pub(crate) generation: u64,
 }
+
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Deployment {
     /// A deployment of `bundle` for `tenant`; its version is derived from the content.
@@ -48,6 +52,7 @@ impl Deployment {
             bundle,
             vars,
             limits,
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 

@@ -43,7 +43,13 @@ impl Isolate {
             extensions: extensions(),
             residual_lazy_js_sources: RESIDUAL_LAZY_JS,
             residual_lazy_esm_sources: RESIDUAL_LAZY_ESM,
-            create_params: Some(v8::CreateParams::default().heap_limits(0, heap_limit)),
+            // Atomics.wait would block the whole worker thread without using
+            // CPU, invisible to the CPU watchdog: forbid it.
+            create_params: Some(
+                v8::CreateParams::default()
+                    .heap_limits(0, heap_limit)
+                    .allow_atomics_wait(false),
+            ),
             ..Default::default()
         });
         {

@@ -45,6 +45,8 @@ struct SlotState {
     in_flight: HashMap<u32, InFlight>,
     next_id: u32,
     ended: bool,
+    /// No new requests will come; end once those in flight finish.
+    retired: bool,
     last_used: Option<Instant>,
     heap_used: usize,
     cpu_total: Duration,
@@ -153,6 +155,7 @@ impl TenantSlot {
     /// Stops taking requests; the isolate ends once those in flight finish.
     pub(crate) fn retire(&self) {
         self.requests.borrow_mut().take();
+        self.state.borrow_mut().retired = true;
     }
 
     pub(crate) fn info(&self) -> IsolateInfo {
@@ -206,13 +209,15 @@ async fn drive(
         return (FailureKind::Startup, e);
     }
     let terminated = Arc::new(AtomicBool::new(false));
+    // Top-level code may await; its CPU is summed over all boot polls.
+    let mut startup_cpu = Duration::ZERO;
     let handle = isolate.js.v8_isolate().thread_safe_handle();
     let mut wall_check = tokio::time::interval(WALL_CHECK_EVERY);
     wall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     poll_fn(|cx| {
         let budget = if booted.is_some() {
-            limits.cpu_startup
+            limits.cpu_startup.saturating_sub(startup_cpu)
         } else {
             let used = state
                 .borrow()
@@ -235,8 +240,13 @@ async fn drive(
             let mut st = state.borrow_mut();
             st.cpu_total += used;
             st.heap_used = heap;
-            for f in st.in_flight.values_mut() {
-                f.cpu += used;
+            if booted.is_some() {
+                // Startup has its own budget; requests waiting for it are not charged.
+                startup_cpu += used;
+            } else {
+                for f in st.in_flight.values_mut() {
+                    f.cpu += used;
+                }
             }
         }
 
@@ -313,7 +323,11 @@ async fn drive(
             );
             false
         });
-        if !st.in_flight.is_empty() {
+        if st.in_flight.is_empty() {
+            if st.retired {
+                return Poll::Ready((FailureKind::Unavailable, "retired".into()));
+            }
+        } else {
             while wall_check.poll_tick(cx).is_ready() {}
         }
         Poll::Pending

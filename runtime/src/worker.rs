@@ -61,8 +61,11 @@ pub(crate) fn spawn(
     std::thread::Builder::new()
         .name(format!("atoll-worker-{index}"))
         .spawn(move || {
+            // Blocking work (deno_crypto's key derivation and generation) runs
+            // on this pool, outside the CPU watchdog's view: keep it small.
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .max_blocking_threads(2)
                 .build()
             {
                 Ok(rt) => rt,
@@ -118,7 +121,10 @@ impl Worker {
     fn slot_for(&self, deployment: &Arc<Deployment>) -> Rc<TenantSlot> {
         if let Some(slot) = self.slots.borrow().get(&deployment.tenant)
             && slot.is_alive()
-            && slot.deployment.version == deployment.version
+            && (slot.deployment.version == deployment.version
+                // A request routed just before a deploy arrives after it:
+                // serve it on the newer version instead of flapping back.
+                || slot.deployment.generation > deployment.generation)
         {
             return slot.clone();
         }

@@ -181,7 +181,8 @@ async fn web_platform_apis() {
                 out.digest = [...new Uint8Array(await crypto.subtle.digest("SHA-256", bytes))]
                   .slice(0, 4);
                 out.uuid = typeof crypto.randomUUID() === "string";
-                out.noDeno = typeof Deno === "undefined";
+                out.noDeno = typeof Deno === "undefined" && typeof __bootstrap === "undefined" &&
+                  Object.getOwnPropertySymbols(globalThis).every((s) => !String(s).includes("atoll"));
                 return Response.json(out);
               },
             };
@@ -282,4 +283,48 @@ async fn startup_errors_are_reported() {
         .expect("request");
     assert_eq!(resp.status(), 500);
     dev.wait_for_log("has no handler").await;
+}
+
+#[tokio::test]
+async fn tenants_cannot_set_framing_headers_or_block_the_thread() {
+    let dev = Dev::start(
+        &[(
+            "frame.js",
+            r#"
+            export default {
+              fetch(request) {
+                if (new URL(request.url).pathname === "/wait") {
+                  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0);
+                  return new Response("waited");
+                }
+                // A lying content-length would let this body smuggle a
+                // second response onto a keep-alive connection.
+                return new Response("hello world\r\n\r\nHTTP/1.1 200 OK\r\n\r\nsmuggled", {
+                  headers: { "content-length": "5", "connection": "close", "x-kept": "yes" },
+                });
+              },
+            };
+            "#,
+        )],
+        &["frame.js"],
+    );
+    let c = client();
+    for _ in 0..2 {
+        let resp = c.get(dev.url("/")).send().await.expect("request");
+        assert_eq!(resp.headers()["x-kept"], "yes");
+        assert!(resp.headers().get("connection").is_none());
+        let len: usize = resp.headers()["content-length"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("number");
+        let body = resp.text().await.expect("text");
+        assert_eq!(len, body.len());
+        assert!(body.ends_with("smuggled"), "{body}");
+    }
+    // Atomics.wait is refused instead of freezing the worker thread.
+    let resp = c.get(dev.url("/wait")).send().await.expect("request");
+    assert_eq!(resp.status(), 500);
+    let resp = c.get(dev.url("/")).send().await.expect("request");
+    assert_eq!(resp.status(), 200);
 }

@@ -122,3 +122,33 @@ async fn ten_mib_upload_is_streamed_hashed_and_echoed() {
     assert_eq!(echoed.len(), size);
     assert!(echoed[..] == data[..], "echoed body differs");
 }
+
+/// A stream that fails midway must reach the client as a broken body, never
+/// as a complete (truncated) response.
+#[tokio::test]
+async fn a_failing_stream_is_not_delivered_as_complete() {
+    let dev = Dev::start(
+        &[(
+            "broken.js",
+            r#"
+            export default {
+              fetch() {
+                const body = new ReadableStream({
+                  async start(controller) {
+                    controller.enqueue(new TextEncoder().encode("partial;"));
+                    await new Promise((r) => setTimeout(r, 20));
+                    controller.error(new Error("upstream broke"));
+                  },
+                });
+                return new Response(body);
+              },
+            };
+            "#,
+        )],
+        &["broken.js"],
+    );
+    let resp = client().get(dev.url("/")).send().await.expect("request");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await.is_err(), "a cut body must be an error");
+    dev.wait_for_log("upstream broke").await;
+}
