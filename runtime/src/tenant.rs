@@ -45,6 +45,10 @@ struct SlotState {
     in_flight: HashMap<u32, InFlight>,
     next_id: u32,
     ended: bool,
+    /// CPU used while no request was in flight (timers after the response),
+    /// since the last request arrived. Bounded by the per-request limit so
+    /// background work cannot burn CPU forever.
+    idle_cpu: Duration,
     /// No new requests will come; end once those in flight finish.
     retired: bool,
     last_used: Option<Instant>,
@@ -113,6 +117,7 @@ impl TenantSlot {
         st.next_id = st.next_id.wrapping_add(1).max(1);
         let id = st.next_id;
         st.last_used = Some(Instant::now());
+        st.idle_cpu = Duration::ZERO;
         let (done_tx, done_rx) = oneshot::channel();
         let r = d.request;
         let incoming = IncomingRequest {
@@ -216,8 +221,13 @@ async fn drive(
     wall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     poll_fn(|cx| {
+        let idle = state.borrow().in_flight.is_empty();
         let budget = if booted.is_some() {
             limits.cpu_startup.saturating_sub(startup_cpu)
+        } else if idle {
+            limits
+                .cpu_per_request
+                .saturating_sub(state.borrow().idle_cpu)
         } else {
             let used = state
                 .borrow()
@@ -243,6 +253,8 @@ async fn drive(
             if booted.is_some() {
                 // Startup has its own budget; requests waiting for it are not charged.
                 startup_cpu += used;
+            } else if idle {
+                st.idle_cpu += used;
             } else {
                 for f in st.in_flight.values_mut() {
                     f.cpu += used;
@@ -264,6 +276,11 @@ async fn drive(
                 format!(
                     "startup CPU time limit of {} ms exceeded",
                     limits.cpu_startup.as_millis()
+                )
+            } else if idle {
+                format!(
+                    "background work after the last response exceeded the CPU time limit of {} ms",
+                    limits.cpu_per_request.as_millis()
                 )
             } else {
                 format!(

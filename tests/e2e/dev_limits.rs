@@ -85,3 +85,37 @@ async fn wall_clock_limit_answers_504_and_other_requests_continue() {
         .expect("text");
     assert_eq!(text, "served=3");
 }
+
+#[tokio::test]
+async fn background_work_after_the_response_is_bounded() {
+    let dev = Dev::start(
+        &[(
+            "bg.js",
+            r#"
+            let served = 0;
+            export default {
+              fetch(request) {
+                served++;
+                if (new URL(request.url).pathname === "/bg") {
+                  // Burn CPU forever from a timer, after the response.
+                  setInterval(() => { const end = Date.now() + 5; while (Date.now() < end) {} }, 1);
+                }
+                return new Response(`served=${served}`);
+              },
+            };
+            "#,
+        )],
+        &["bg.js", "--cpu-ms", "50"],
+    );
+    let c = client();
+    let resp = c.get(dev.url("/bg")).send().await.expect("request");
+    assert_eq!(resp.text().await.expect("text"), "served=1");
+    dev.wait_for_log("background work after the last response exceeded")
+        .await;
+    let resp = c.get(dev.url("/")).send().await.expect("request");
+    assert_eq!(
+        resp.text().await.expect("text"),
+        "served=1",
+        "a fresh isolate"
+    );
+}
