@@ -48,6 +48,10 @@ impl Isolate {
             create_params: Some(
                 v8::CreateParams::default()
                     .heap_limits(0, heap_limit)
+                    // ArrayBuffer memory is outside the V8 heap. V8 weighs it
+                    // when deciding it is near the heap limit, and this budget
+                    // is the hard cap behind that: past it allocation fails.
+                    .array_buffer_allocator(crate::array_buffers::allocator(heap_limit))
                     .allow_atomics_wait(false),
             ),
             ..Default::default()

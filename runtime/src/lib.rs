@@ -6,6 +6,7 @@
 //! CLI: callers hand it [`HttpRequest`]s and get back
 //! [`OutgoingResponse`]s.
 
+mod array_buffers;
 mod deployment;
 mod extensions;
 mod isolate;

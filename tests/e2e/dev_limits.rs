@@ -15,6 +15,17 @@ export default {
       for (;;) hoard.push(new Array(100000).fill(Math.random()));
     }
     if (path === "/sleep") return new Promise(() => {});
+    if (path === "/buffers") {
+      // ArrayBuffer memory lives outside the V8 heap; it has its own budget.
+      globalThis.kept = [];
+      try {
+        for (;;) globalThis.kept.push(new Uint8Array(16 * 1024 * 1024).fill(1));
+      } catch (e) {
+        const n = globalThis.kept.length;
+        globalThis.kept = [];
+        return new Response(`${e.name} after ${n}`);
+      }
+    }
     return new Response(`served=${served}`);
   },
 };
@@ -59,6 +70,32 @@ async fn heap_bomb_is_terminated_and_the_next_request_works() {
     let resp = c.get(dev.url("/")).send().await.expect("request");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.expect("text"), "served=1");
+}
+
+#[tokio::test]
+async fn array_buffer_memory_is_budgeted_per_isolate() {
+    let dev = Dev::start(
+        &[("limits.js", HANDLER)],
+        &["limits.js", "--heap-mb", "64", "--cpu-ms", "10000"],
+    );
+    let c = client();
+    let resp = c.get(dev.url("/buffers")).send().await.expect("request");
+    let status = resp.status();
+    let text = resp.text().await.expect("text");
+    // Either V8's external-memory accounting ends the isolate at the heap
+    // limit, or the per-isolate buffer budget makes the allocation throw;
+    // never more than 64 MiB of buffers.
+    if status == 503 {
+        assert!(text.contains("memory limit"), "{text}");
+    } else {
+        let n: usize = text
+            .strip_prefix("RangeError after ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected answer {status} {text}"));
+        assert!(n * 16 <= 64, "{n} buffers of 16 MiB exceed the budget");
+    }
+    let resp = c.get(dev.url("/")).send().await.expect("request");
+    assert_eq!(resp.status(), 200);
 }
 
 #[tokio::test]
