@@ -14,6 +14,9 @@ async fn js_module_worker_sees_request_env_and_ctx() {
               async fetch(request, env, ctx) {
                 const url = new URL(request.url);
                 if (url.pathname === "/waited") return new Response(String(waited));
+                if (url.pathname === "/bytes") {
+                  return new Response(new Uint8Array([0, 1, 2, 255]), { status: 202 });
+                }
                 ctx.waitUntil(new Promise((r) => setTimeout(() => { waited++; r(); }, 10)));
                 const body = request.method === "POST" ? await request.text() : "";
                 return Response.json({
@@ -49,6 +52,10 @@ async fn js_module_worker_sees_request_env_and_ctx() {
             "body": "payload", "greeting": "hi there"
         })
     );
+    // A bytes body arrives byte for byte.
+    let resp = c.get(dev.url("/bytes")).send().await.expect("request");
+    assert_eq!(resp.status(), 202);
+    assert_eq!(&resp.bytes().await.expect("body")[..], &[0u8, 1, 2, 255]);
     // waitUntil work outlives the response and runs to completion.
     let mut waited = String::new();
     for _ in 0..100 {
