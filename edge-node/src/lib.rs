@@ -1,6 +1,6 @@
 //! Atoll's edge node: the HTTP server in front of the isolate runtime.
 //!
-//! Accepts HTTP/1.1 and HTTP/2 connections, maps each request's host to a
+//! Accepts HTTP/1.1 and HTTP/2 connections, maps each request's host and path to a
 //! tenant deployment, streams bodies both ways between hyper and the
 //! runtime, and logs one line per request. Routes can be replaced while
 //! the node runs; requests in flight keep the deployment they started with.
@@ -9,5 +9,5 @@ mod body;
 mod routes;
 mod server;
 
-pub use routes::Routes;
+pub use routes::{HostPattern, RouteError, Routes};
 pub use server::EdgeNode;

@@ -1,15 +1,88 @@
-//! Which deployment serves which host.
+//! Which deployment serves which host and path.
+//!
+//! A route is a host pattern (exact `api.example.com`, wildcard
+//! `*.example.com`, or any host) plus a path prefix. The most specific
+//! matching route wins: an exact host beats a wildcard, a longer wildcard
+//! suffix beats a shorter one, any wildcard beats "any host"; between equal
+//! hosts the longest path prefix wins.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use atoll_runtime::Deployment;
 
-/// Host → deployment table, swapped as a whole when anything changes.
+/// Which hosts a route matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Exactly this host name (lowercase, no port).
+    Exact(String),
+    /// Any host ending in `.{suffix}` (not `suffix` itself), from `*.suffix`.
+    Wildcard(String),
+    /// Every host.
+    Any,
+}
+
+impl HostPattern {
+    /// Parses `name`, `*.suffix` or `*`.
+    pub fn parse(pattern: &str) -> Result<HostPattern, RouteError> {
+        let p = pattern.trim().to_ascii_lowercase();
+        if p == "*" {
+            return Ok(HostPattern::Any);
+        }
+        if let Some(suffix) = p.strip_prefix("*.") {
+            if suffix.is_empty() || suffix.contains('*') {
+                return Err(RouteError::BadHost(pattern.to_string()));
+            }
+            return Ok(HostPattern::Wildcard(suffix.to_string()));
+        }
+        if p.is_empty() || p.contains('*') || p.contains('/') {
+            return Err(RouteError::BadHost(pattern.to_string()));
+        }
+        Ok(HostPattern::Exact(p))
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Wildcard(suffix) => host
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            HostPattern::Any => true,
+        }
+    }
+
+    /// Higher is more specific.
+    fn rank(&self) -> (u8, usize) {
+        match self {
+            HostPattern::Exact(_) => (2, 0),
+            HostPattern::Wildcard(suffix) => (1, suffix.len()),
+            HostPattern::Any => (0, 0),
+        }
+    }
+}
+
+/// A route that cannot be added.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The host pattern is not `name`, `*.suffix` or `*`.
+    #[error("invalid host pattern {0:?}: use a name, *.suffix or *")]
+    BadHost(String),
+    /// The path prefix does not start with `/`.
+    #[error("invalid path prefix {0:?}: it must start with /")]
+    BadPath(String),
+}
+
+#[derive(Clone)]
+struct Route {
+    host: HostPattern,
+    /// Starts with `/`, no trailing `/` except for the root prefix itself.
+    path_prefix: String,
+    deployment: Arc<Deployment>,
+}
+
+/// The route table, swapped as a whole when anything changes.
 #[derive(Default, Clone)]
 pub struct Routes {
-    by_host: HashMap<String, Arc<Deployment>>,
-    fallback: Option<Arc<Deployment>>,
+    routes: Vec<Route>,
 }
 
 impl Routes {
@@ -18,25 +91,67 @@ impl Routes {
         Self::default()
     }
 
+    /// Routes requests matching `host` and `path_prefix` to `deployment`.
+    /// A later route with the same host and prefix replaces the earlier one.
+    pub fn add(
+        &mut self,
+        host: HostPattern,
+        path_prefix: &str,
+        deployment: Arc<Deployment>,
+    ) -> Result<(), RouteError> {
+        if !path_prefix.starts_with('/') {
+            return Err(RouteError::BadPath(path_prefix.to_string()));
+        }
+        let trimmed = path_prefix.trim_end_matches('/');
+        let path_prefix = if trimmed.is_empty() { "/" } else { trimmed }.to_string();
+        self.routes
+            .retain(|r| !(r.host == host && r.path_prefix == path_prefix));
+        self.routes.push(Route {
+            host,
+            path_prefix,
+            deployment,
+        });
+        Ok(())
+    }
+
     /// Serves `host` (exact, case-insensitive, without port) from `deployment`.
     pub fn insert_host(&mut self, host: &str, deployment: Arc<Deployment>) {
-        self.by_host.insert(host.to_ascii_lowercase(), deployment);
+        let pattern = HostPattern::Exact(strip_port(host).to_ascii_lowercase());
+        // A "/" prefix is always valid.
+        let _ = self.add(pattern, "/", deployment);
     }
 
     /// Serves every host that has no route of its own from `deployment`.
     pub fn set_fallback(&mut self, deployment: Arc<Deployment>) {
-        self.fallback = Some(deployment);
+        let _ = self.add(HostPattern::Any, "/", deployment);
     }
 
-    /// The deployment for a request to `host` (which may carry a port).
-    pub fn lookup(&self, host: &str) -> Option<&Arc<Deployment>> {
-        let name = strip_port(host).to_ascii_lowercase();
-        self.by_host.get(&name).or(self.fallback.as_ref())
+    /// The deployment for a request to `host` (which may carry a port) and `path`.
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Deployment>> {
+        let host = strip_port(host).to_ascii_lowercase();
+        let host = host.trim_end_matches('.');
+        let path = path.split(['?', '#']).next().unwrap_or("/");
+        self.routes
+            .iter()
+            .filter(|r| r.host.matches(host) && prefix_matches(&r.path_prefix, path))
+            .max_by_key(|r| (r.host.rank(), r.path_prefix.len()))
+            .map(|r| &r.deployment)
     }
 
     /// Every deployment routed to.
     pub fn deployments(&self) -> impl Iterator<Item = &Arc<Deployment>> {
-        self.by_host.values().chain(self.fallback.iter())
+        self.routes.iter().map(|r| &r.deployment)
+    }
+}
+
+/// `/api` matches `/api` and `/api/x`, not `/apix`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
     }
 }
 
@@ -53,7 +168,35 @@ fn strip_port(host: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_port;
+    use std::collections::BTreeMap;
+
+    use atoll_protocol::{Bundle, Module, ModuleKind};
+    use atoll_runtime::Limits;
+
+    use super::*;
+
+    fn dep(name: &str) -> Arc<Deployment> {
+        let mut modules = BTreeMap::new();
+        modules.insert(
+            "file:///w.js".to_string(),
+            Module {
+                kind: ModuleKind::Js,
+                code: String::new(),
+                source_map: None,
+            },
+        );
+        let bundle = Bundle::new("file:///w.js".into(), modules).expect("bundle");
+        Arc::new(Deployment::new(
+            name,
+            Arc::new(bundle),
+            BTreeMap::new(),
+            Limits::default(),
+        ))
+    }
+
+    fn who(routes: &Routes, host: &str, path: &str) -> Option<String> {
+        routes.lookup(host, path).map(|d| d.tenant.clone())
+    }
 
     #[test]
     fn strips_ports_from_names_and_ipv6() {
@@ -61,5 +204,83 @@ mod tests {
         assert_eq!(strip_port("a.example.com"), "a.example.com");
         assert_eq!(strip_port("[::1]:80"), "::1");
         assert_eq!(strip_port("127.0.0.1:1"), "127.0.0.1");
+    }
+
+    #[test]
+    fn most_specific_route_wins() {
+        let mut r = Routes::new();
+        r.add(HostPattern::Any, "/", dep("any")).expect("route");
+        r.add(
+            HostPattern::parse("*.example.com").expect("pattern"),
+            "/",
+            dep("wild"),
+        )
+        .expect("route");
+        r.add(
+            HostPattern::parse("*.eu.example.com").expect("pattern"),
+            "/",
+            dep("eu"),
+        )
+        .expect("route");
+        r.add(
+            HostPattern::parse("api.example.com").expect("pattern"),
+            "/",
+            dep("api"),
+        )
+        .expect("route");
+        r.add(
+            HostPattern::parse("api.example.com").expect("pattern"),
+            "/v2/",
+            dep("api-v2"),
+        )
+        .expect("route");
+        r.add(
+            HostPattern::parse("*.example.com").expect("pattern"),
+            "/static",
+            dep("static"),
+        )
+        .expect("route");
+
+        assert_eq!(who(&r, "api.example.com", "/").as_deref(), Some("api"));
+        assert_eq!(
+            who(&r, "API.Example.com:443", "/v2").as_deref(),
+            Some("api-v2")
+        );
+        assert_eq!(
+            who(&r, "api.example.com", "/v2/users?x=1").as_deref(),
+            Some("api-v2")
+        );
+        assert_eq!(who(&r, "api.example.com", "/v2x").as_deref(), Some("api"));
+        // An exact host beats a wildcard even with a longer wildcard path.
+        assert_eq!(
+            who(&r, "api.example.com", "/static/a.css").as_deref(),
+            Some("api")
+        );
+        assert_eq!(
+            who(&r, "www.example.com", "/static/a.css").as_deref(),
+            Some("static")
+        );
+        assert_eq!(who(&r, "www.example.com", "/").as_deref(), Some("wild"));
+        assert_eq!(who(&r, "a.eu.example.com", "/").as_deref(), Some("eu"));
+        // `*.example.com` does not match the apex.
+        assert_eq!(who(&r, "example.com", "/").as_deref(), Some("any"));
+        assert_eq!(who(&r, "other.org", "/x").as_deref(), Some("any"));
+    }
+
+    #[test]
+    fn unmatched_and_invalid_routes() {
+        let mut r = Routes::new();
+        r.add(
+            HostPattern::parse("a.test").expect("pattern"),
+            "/only",
+            dep("a"),
+        )
+        .expect("route");
+        assert_eq!(who(&r, "a.test", "/"), None);
+        assert_eq!(who(&r, "b.test", "/only"), None);
+        assert!(HostPattern::parse("*.").is_err());
+        assert!(HostPattern::parse("a.*.com").is_err());
+        assert!(HostPattern::parse("").is_err());
+        assert!(r.add(HostPattern::Any, "nope", dep("x")).is_err());
     }
 }

@@ -108,7 +108,7 @@ impl EdgeNode {
         let method = parts.method.clone();
 
         let routes = self.routes.load();
-        let Some(deployment) = routes.lookup(&host).cloned() else {
+        let Some(deployment) = routes.lookup(&host, &path).cloned() else {
             tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, status = 404, "no route");
             return plain(
                 StatusCode::NOT_FOUND,

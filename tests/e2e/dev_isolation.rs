@@ -60,3 +60,52 @@ async fn tenants_cannot_see_each_others_globals() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn the_most_specific_route_wins() {
+    let handler = |name: &str| {
+        format!(
+            "export default {{ fetch: (r) => new Response('{name} ' + new URL(r.url).pathname) }};\n"
+        )
+    };
+    let (any, wild, exact, v2) = (
+        handler("any"),
+        handler("wild"),
+        handler("exact"),
+        handler("v2"),
+    );
+    let dev = Dev::start(
+        &[
+            ("any.js", &any),
+            ("wild.js", &wild),
+            ("exact.js", &exact),
+            ("v2.js", &v2),
+        ],
+        &[
+            "any.js",
+            "*.example.test=wild.js",
+            "api.example.test=exact.js",
+            "api.example.test/v2=v2.js",
+        ],
+    );
+    let c = client();
+    for (host, path, expected) in [
+        ("api.example.test", "/", "exact /"),
+        ("api.example.test", "/v2/users", "v2 /v2/users"),
+        ("api.example.test", "/v2x", "exact /v2x"),
+        ("www.example.test", "/v2", "wild /v2"),
+        ("example.test", "/", "any /"),
+        ("elsewhere.test", "/a", "any /a"),
+    ] {
+        let text = c
+            .get(dev.url(path))
+            .header("host", host)
+            .send()
+            .await
+            .expect("request")
+            .text()
+            .await
+            .expect("text");
+        assert_eq!(text, expected, "{host}{path}");
+    }
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use atoll_edge_node::{EdgeNode, Routes};
+use atoll_edge_node::{EdgeNode, HostPattern, Routes};
 use atoll_runtime::{Deployment, Limits, Runtime, RuntimeConfig};
 use notify::{RecursiveMode, Watcher};
 use tokio::net::TcpListener;
@@ -18,9 +18,11 @@ use crate::bundler;
 /// Arguments of `atoll dev`.
 #[derive(clap::Args)]
 pub struct DevArgs {
-    /// Entry modules: `PATH` serves every host; `HOST=PATH` serves requests
-    /// whose Host is HOST (each entry is its own tenant).
-    #[arg(required = true, value_name = "[HOST=]ENTRY")]
+    /// Entry modules: `ENTRY` serves every host; `ROUTE=ENTRY` serves the
+    /// requests ROUTE matches: `host`, `*.suffix` or `*`, optionally followed
+    /// by a path prefix (`api.local/v2`). The most specific route wins; each
+    /// entry is its own tenant.
+    #[arg(required = true, value_name = "[ROUTE=]ENTRY")]
     entries: Vec<String>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
@@ -54,7 +56,10 @@ pub struct DevArgs {
 
 struct Entry {
     tenant: String,
-    host: Option<String>,
+    /// The route as given (`None`: every host).
+    route: Option<String>,
+    host: HostPattern,
+    path_prefix: String,
     path: PathBuf,
     root: PathBuf,
 }
@@ -80,10 +85,7 @@ impl Setup {
                 self.vars.clone(),
                 self.limits,
             ));
-            match &e.host {
-                Some(h) => routes.insert_host(h, deployment),
-                None => routes.set_fallback(deployment),
-            }
+            routes.add(e.host.clone(), &e.path_prefix, deployment)?;
         }
         Ok((routes, files))
     }
@@ -94,16 +96,27 @@ fn parse_entries(args: &DevArgs) -> anyhow::Result<Vec<Entry>> {
     let mut out = Vec::new();
     let mut seen_fallback = false;
     for raw in &args.entries {
-        let (host, path) = match raw.split_once('=') {
-            Some((h, p)) if !h.is_empty() => (Some(h.to_ascii_lowercase()), PathBuf::from(p)),
+        let (route, path) = match raw.split_once('=') {
+            Some((r, p)) if !r.is_empty() => (Some(r.to_ascii_lowercase()), PathBuf::from(p)),
             _ => (None, PathBuf::from(raw)),
         };
-        if host.is_none() {
+        if route.is_none() {
             if seen_fallback {
-                bail!("only one entry may serve every host; give the others a HOST= prefix");
+                bail!("only one entry may serve every host; give the others a ROUTE= prefix");
             }
             seen_fallback = true;
         }
+        let (host, path_prefix) = match &route {
+            None => (HostPattern::Any, "/".to_string()),
+            Some(r) => {
+                let (h, p) = match r.find('/') {
+                    Some(i) => (&r[..i], r[i..].to_string()),
+                    None => (r.as_str(), "/".to_string()),
+                };
+                let host = HostPattern::parse(h).with_context(|| format!("route {r:?}"))?;
+                (host, p)
+            }
+        };
         let abs = if path.is_absolute() {
             path.clone()
         } else {
@@ -124,10 +137,12 @@ fn parse_entries(args: &DevArgs) -> anyhow::Result<Vec<Entry>> {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "worker".into());
-        let tenant = host.clone().unwrap_or(stem);
+        let tenant = route.clone().unwrap_or(stem);
         out.push(Entry {
             tenant,
+            route,
             host,
+            path_prefix,
             path: abs,
             root,
         });
@@ -186,10 +201,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         let local = listener.local_addr()?;
         println!("atoll dev: listening on http://{local}");
         for e in &setup.entries {
-            match &e.host {
-                Some(h) => println!("  {h} -> {}", e.path.display()),
-                None => println!("  * -> {}", e.path.display()),
-            }
+            let route = e.route.as_deref().unwrap_or("*");
+            println!("  {route} -> {}", e.path.display());
         }
         if !args.no_watch {
             spawn_watcher(node.clone(), setup, files)?;
