@@ -20,22 +20,36 @@ pub struct BodyAborted(String);
 /// The response body type of the server.
 pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyAborted>;
 
-/// Forwards an incoming body into a channel the handler reads from.
-pub fn request_body(incoming: Incoming) -> RequestBody {
+/// Forwards an incoming body into a channel the handler reads from, cutting
+/// it off with an error past `max_bytes`.
+pub fn request_body(incoming: Incoming, max_bytes: u64) -> RequestBody {
     if incoming.is_end_stream() {
         return RequestBody::Empty;
     }
     let (tx, rx) = mpsc::channel(REQUEST_CHUNK_BUFFER);
     tokio::spawn(async move {
         let mut incoming = incoming;
+        let mut total: u64 = 0;
         loop {
             match incoming.frame().await {
                 None => break,
                 Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data()
-                        && !data.is_empty()
-                        && tx.send(Ok(data)).await.is_err()
-                    {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    total += data.len() as u64;
+                    if total > max_bytes {
+                        let _ = tx
+                            .send(Err(format!(
+                                "the request body is larger than the limit of {max_bytes} bytes"
+                            )))
+                            .await;
+                        break;
+                    }
+                    if tx.send(Ok(data)).await.is_err() {
                         break; // the handler stopped reading
                     }
                 }

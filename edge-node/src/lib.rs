@@ -10,4 +10,4 @@ mod routes;
 mod server;
 
 pub use routes::{HostPattern, RouteError, Routes};
-pub use server::EdgeNode;
+pub use server::{EdgeNode, ServerLimits};

@@ -18,18 +18,51 @@ use tracing::Instrument;
 use crate::body::{ResponseBody, full, request_body, response_body};
 use crate::routes::Routes;
 
+/// Limits the server applies before a request reaches a tenant.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Largest request head (request line + headers); beyond it: 431.
+    pub max_header_bytes: usize,
+    /// Largest request body; a larger declared length gets 413, a larger
+    /// streamed body is cut off with an error.
+    pub max_body_bytes: u64,
+    /// Time a client has to send the complete request head.
+    pub header_read_timeout: std::time::Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 100 * 1024 * 1024,
+            header_read_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
 /// An edge node: routes plus the runtime that executes them.
 pub struct EdgeNode {
     runtime: Arc<Runtime>,
     routes: ArcSwap<Routes>,
+    limits: ServerLimits,
 }
 
 impl EdgeNode {
     /// A node serving `routes` with `runtime`.
     pub fn new(runtime: Arc<Runtime>, routes: Routes) -> Arc<EdgeNode> {
+        Self::with_limits(runtime, routes, ServerLimits::default())
+    }
+
+    /// A node serving `routes` with `runtime` under `limits`.
+    pub fn with_limits(
+        runtime: Arc<Runtime>,
+        routes: Routes,
+        limits: ServerLimits,
+    ) -> Arc<EdgeNode> {
         Arc::new(EdgeNode {
             runtime,
             routes: ArcSwap::from_pointee(routes),
+            limits,
         })
     }
 
@@ -73,11 +106,23 @@ impl EdgeNode {
             let _ = stream.set_nodelay(true);
             let node = self.clone();
             tokio::spawn(async move {
+                let svc_node = node.clone();
                 let service = service_fn(move |req| {
-                    let node = node.clone();
+                    let node = svc_node.clone();
                     async move { Ok::<_, Infallible>(node.handle(req, peer).await) }
                 });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    // hyper answers an oversized head with 431 itself.
+                    .max_buf_size(node.limits.max_header_bytes.max(8192))
+                    .header_read_timeout(node.limits.header_read_timeout);
+                builder
+                    .http2()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .max_header_list_size(node.limits.max_header_bytes as u32);
                 if let Err(e) = builder
                     .serve_connection(TokioIo::new(stream), service)
                     .await
@@ -118,6 +163,23 @@ impl EdgeNode {
         };
         drop(routes);
 
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
+            tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, status = 413, "body too large");
+            return plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &request_id,
+                format!(
+                    "the request body is larger than the limit of {} bytes\n",
+                    self.limits.max_body_bytes
+                ),
+            );
+        }
+
         let span = tracing::info_span!(
             "request",
             %request_id,
@@ -140,7 +202,7 @@ impl EdgeNode {
                 method: method.to_string(),
                 url: format!("http://{host}{path}"),
                 headers,
-                body: request_body(body),
+                body: request_body(body, self.limits.max_body_bytes),
             };
             let result = self.runtime.dispatch(deployment.clone(), request).await;
             let elapsed = started.elapsed();

@@ -3,6 +3,7 @@
 mod harness;
 
 mod dev_handlers;
+mod dev_http;
 mod dev_isolation;
 mod dev_limits;
 mod dev_reload;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use atoll_edge_node::{EdgeNode, HostPattern, Routes};
+use atoll_edge_node::{EdgeNode, HostPattern, Routes, ServerLimits};
 use atoll_runtime::{Deployment, Limits, Runtime, RuntimeConfig};
 use notify::{RecursiveMode, Watcher};
 use tokio::net::TcpListener;
@@ -42,6 +42,9 @@ pub struct DevArgs {
     /// Heap limit per isolate, in MiB.
     #[arg(long, default_value_t = 128)]
     heap_mb: usize,
+    /// Largest request body accepted, in MiB (larger: 413).
+    #[arg(long, default_value_t = 100)]
+    max_body_mb: u64,
     /// Project root: imports may not leave it (default: the current
     /// directory if it holds the entry, else the entry's directory).
     #[arg(long)]
@@ -193,7 +196,14 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             config.threads = t;
         }
         let runtime = Arc::new(Runtime::start(config)?);
-        let node = EdgeNode::new(runtime, routes);
+        let node = EdgeNode::with_limits(
+            runtime,
+            routes,
+            ServerLimits {
+                max_body_bytes: args.max_body_mb * 1024 * 1024,
+                ..ServerLimits::default()
+            },
+        );
         let addr = SocketAddr::new(args.host, args.port);
         let listener = TcpListener::bind(addr).await.with_context(|| {
             format!("listening on {addr} (is another server using it? try --port)")

@@ -1,0 +1,92 @@
+//! HTTP-level behaviour of the server in front of the isolates.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::{Dev, client};
+
+const HANDLER: &str = r#"
+export default {
+  async fetch(request) {
+    try {
+      const body = await request.arrayBuffer();
+      return new Response(`read ${body.byteLength}`);
+    } catch (e) {
+      return new Response(`body error: ${e.message}`, { status: 413 });
+    }
+  },
+};
+"#;
+
+#[tokio::test]
+async fn oversized_heads_and_bodies_are_refused() {
+    let dev = Dev::start(&[("h.js", HANDLER)], &["h.js", "--max-body-mb", "1"]);
+    let c = client();
+
+    // A 100 KiB header: 431 from the server, the handler never runs.
+    let resp = c
+        .get(dev.url("/"))
+        .header("x-big", "a".repeat(100 * 1024))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 431);
+
+    // A declared length over the limit: 413 before any body is read.
+    let addr = dev.base.trim_start_matches("http://").to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    tcp.write_all(
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2000000\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("limit of 1048576 bytes"), "{answer}");
+
+    // A streamed (chunked) body that grows past the limit errors in the handler.
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = (0..40)
+        .map(|_| Ok(bytes::Bytes::from(vec![7u8; 64 * 1024])))
+        .collect();
+    let resp = c
+        .post(dev.url("/"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 413);
+    let text = resp.text().await.expect("text");
+    assert!(text.contains("larger than the limit"), "{text}");
+
+    // Within the limit all is well.
+    let resp = c
+        .post(dev.url("/"))
+        .body(vec![1u8; 1000])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.text().await.expect("text"), "read 1000");
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge() {
+    let dev = Dev::start(&[("h.js", HANDLER)], &["h.js"]);
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let resp = h2
+        .post(dev.url("/"))
+        .body("four")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.text().await.expect("text"), "read 4");
+}
