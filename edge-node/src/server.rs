@@ -83,16 +83,32 @@ impl EdgeNode {
         &self.runtime
     }
 
-    /// Accepts connections on `listener` until `shutdown` resolves.
+    /// Accepts connections on `listener` until `shutdown` resolves, then
+    /// stops accepting, lets in-flight requests finish (idle keep-alive
+    /// connections are closed at once) and returns when all connections are
+    /// done or `drain_deadline` has passed.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
+        drain_deadline: std::time::Duration,
     ) -> std::io::Result<()> {
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            // hyper answers an oversized head with 431 itself.
+            .max_buf_size(self.limits.max_header_bytes.max(8192))
+            .header_read_timeout(self.limits.header_read_timeout);
+        builder
+            .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_header_list_size(self.limits.max_header_bytes as u32);
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
-                _ = &mut shutdown => return Ok(()),
+                _ = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -105,32 +121,30 @@ impl EdgeNode {
             };
             let _ = stream.set_nodelay(true);
             let node = self.clone();
+            let service = service_fn(move |req| {
+                let node = node.clone();
+                async move { Ok::<_, Infallible>(node.handle(req, peer).await) }
+            });
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            let conn = graceful.watch(conn);
             tokio::spawn(async move {
-                let svc_node = node.clone();
-                let service = service_fn(move |req| {
-                    let node = svc_node.clone();
-                    async move { Ok::<_, Infallible>(node.handle(req, peer).await) }
-                });
-                let mut builder =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    // hyper answers an oversized head with 431 itself.
-                    .max_buf_size(node.limits.max_header_bytes.max(8192))
-                    .header_read_timeout(node.limits.header_read_timeout);
-                builder
-                    .http2()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .max_header_list_size(node.limits.max_header_bytes as u32);
-                if let Err(e) = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
+                if let Err(e) = conn.await {
                     tracing::debug!(%peer, "connection ended: {e}");
                 }
             });
         }
+        drop(listener);
+        tracing::info!("shutting down: finishing in-flight requests");
+        tokio::select! {
+            _ = graceful.shutdown() => tracing::info!("all connections closed"),
+            _ = tokio::time::sleep(drain_deadline) => tracing::warn!(
+                "shutdown deadline of {} s passed with requests still in flight",
+                drain_deadline.as_secs()
+            ),
+        }
+        Ok(())
     }
 
     /// Handles one request end to end.

@@ -90,3 +90,41 @@ async fn http2_with_prior_knowledge() {
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.text().await.expect("text"), "read 4");
 }
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_then_exits() {
+    let mut dev = Dev::start(
+        &[(
+            "slow.js",
+            r#"
+            export default {
+              async fetch() {
+                console.log("slow request started");
+                await new Promise((r) => setTimeout(r, 700));
+                return new Response("finished");
+              },
+            };
+            "#,
+        )],
+        &["slow.js"],
+    );
+    let url = dev.url("/");
+    let in_flight = tokio::spawn(async move {
+        let resp = client().get(url).send().await.expect("request");
+        (resp.status(), resp.text().await.expect("text"))
+    });
+    // Let the request reach the handler, then ask the process to stop.
+    dev.wait_for_log("slow request started").await;
+    let status = tokio::task::spawn_blocking(move || {
+        let s = dev.terminate();
+        (s, dev)
+    });
+    let (code, text) = in_flight.await.expect("join");
+    assert_eq!(code, 200);
+    assert_eq!(text, "finished");
+    let (exit, dev) = status.await.expect("join");
+    assert!(exit.success(), "exit status {exit}");
+    assert!(dev.out().contains("atoll dev: stopped"), "{}", dev.out());
+    // New connections are refused once it has stopped.
+    assert!(client().get(dev.url("/")).send().await.is_err());
+}

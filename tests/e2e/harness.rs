@@ -113,6 +113,23 @@ impl Dev {
         }
     }
 
+    /// Sends SIGTERM and waits (up to 30 s) for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "atoll dev did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Rewrites a project file.
     pub fn write(&self, name: &str, text: &str) {
         write(self.dir.path(), name, text);

@@ -217,12 +217,27 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         if !args.no_watch {
             spawn_watcher(node.clone(), setup, files)?;
         }
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
-        node.serve(listener, shutdown).await?;
+        node.serve(listener, shutdown_signal(), Duration::from_secs(10))
+            .await?;
+        println!("atoll dev: stopped");
         Ok(())
     })
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }
 
 fn init_tracing() {
