@@ -6,8 +6,10 @@
 //! the node runs; requests in flight keep the deployment they started with.
 
 mod body;
+mod config;
 mod routes;
 mod server;
 
+pub use config::{ConfigError, NodeConfig, RouteConfig, ScriptConfig};
 pub use routes::{HostPattern, RouteError, Routes};
 pub use server::{EdgeNode, ServerLimits};

@@ -24,18 +24,27 @@ impl Dev {
     /// Writes `files` into a fresh directory and runs `atoll dev` there with `args`
     /// (entries are relative to that directory).
     pub fn start(files: Files<'_>, args: &[&str]) -> Dev {
+        let mut full = vec!["dev", "--port", "0"];
+        if !args.contains(&"--threads") {
+            full.extend(["--threads", "2"]);
+        }
+        full.extend(args);
+        Self::spawn(files, &full)
+    }
+
+    /// Writes `files` and runs `atoll node --config node.toml` there.
+    pub fn start_node(files: Files<'_>) -> Dev {
+        Self::spawn(files, &["node", "--config", "node.toml"])
+    }
+
+    /// Writes `files` into a fresh directory and runs `atoll ARGS…` there
+    /// until it prints its listening address.
+    pub fn spawn(files: Files<'_>, args: &[&str]) -> Dev {
         let dir = tempfile::tempdir().expect("tempdir");
         for (name, text) in files {
             write(dir.path(), name, text);
         }
         let mut child = Command::new(env!("CARGO_BIN_EXE_atoll"))
-            .arg("dev")
-            .args(["--port", "0"])
-            .args(if args.contains(&"--threads") {
-                &[][..]
-            } else {
-                &["--threads", "2"][..]
-            })
             .args(args)
             .current_dir(dir.path())
             .env("ATOLL_LOG", "info,atoll::console=debug")
@@ -160,6 +169,21 @@ fn pump(src: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) {
             s.push('\n');
         }
     });
+}
+
+/// Writes `files` and runs `atoll ARGS…` to completion.
+pub fn run_to_exit(files: Files<'_>, args: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, text) in files {
+        write(dir.path(), name, text);
+    }
+    Command::new(env!("CARGO_BIN_EXE_atoll"))
+        .args(args)
+        .current_dir(dir.path())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run atoll")
 }
 
 /// An HTTP client for loopback tests.

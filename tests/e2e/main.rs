@@ -8,3 +8,4 @@ mod dev_isolation;
 mod dev_limits;
 mod dev_reload;
 mod dev_streaming;
+mod node_config;

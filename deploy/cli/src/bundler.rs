@@ -132,6 +132,19 @@ pub fn build(entry: &Path, root: &Path) -> Result<Built, BuildError> {
     Ok(Built { bundle, files })
 }
 
+/// The root a bundle's specifiers are relative to: `preferred` if it holds
+/// `entry`, else the entry's own directory.
+pub fn project_root(entry: &Path, preferred: &Path) -> PathBuf {
+    let entry = entry.canonicalize().unwrap_or_else(|_| entry.to_path_buf());
+    match preferred.canonicalize() {
+        Ok(p) if entry.starts_with(&p) => p,
+        _ => entry
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| preferred.to_path_buf()),
+    }
+}
+
 fn canonical(p: &Path) -> Result<PathBuf, BuildError> {
     p.canonicalize().map_err(|source| BuildError::Read {
         path: p.to_path_buf(),

@@ -169,7 +169,7 @@ fn parse_vars(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 
 /// Runs `atoll dev` until interrupted.
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
-    init_tracing();
+    crate::logging::init(false);
     let setup = Setup {
         entries: parse_entries(&args)?,
         vars: parse_vars(&args.vars)?,
@@ -217,38 +217,15 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         if !args.no_watch {
             spawn_watcher(node.clone(), setup, files)?;
         }
-        node.serve(listener, shutdown_signal(), Duration::from_secs(10))
-            .await?;
+        node.serve(
+            listener,
+            crate::signals::shutdown(),
+            Duration::from_secs(10),
+        )
+        .await?;
         println!("atoll dev: stopped");
         Ok(())
     })
-}
-
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-}
-
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("ATOLL_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,atoll::console=debug"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 /// Watches the module graphs' files; rebuilds and swaps routes on change.

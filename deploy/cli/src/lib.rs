@@ -2,6 +2,9 @@
 
 mod bundler;
 mod dev;
+mod logging;
+mod node;
+mod signals;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +20,8 @@ struct Cli {
 enum Command {
     /// Serve handlers locally, reloading when their files change.
     Dev(dev::DevArgs),
+    /// Run an edge node from a config file.
+    Node(node::NodeArgs),
 }
 
 /// Runs the CLI with the process arguments.
@@ -24,5 +29,6 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Dev(args) => dev::run(args),
+        Command::Node(args) => node::run(args),
     }
 }

@@ -1,0 +1,412 @@
+//! `node.toml`: listeners, default limits, scripts and routes of a node.
+//!
+//! Parsing is strict (unknown keys are errors) and every error names the
+//! file, line, column and key, so a node never starts half-configured.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use atoll_runtime::Limits;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::routes::HostPattern;
+use crate::server::ServerLimits;
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read the config: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Syntax or type error, or a value that makes no sense.
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeSection {
+    threads: Option<usize>,
+    pool_per_thread: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenSection {
+    addr: Spanned<String>,
+}
+
+/// Limits as written in the file; unset fields inherit.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    cpu_ms: Option<Spanned<u64>>,
+    wall_ms: Option<Spanned<u64>>,
+    heap_mb: Option<Spanned<u64>>,
+    max_body_mb: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScriptSection {
+    name: Spanned<String>,
+    entry: Spanned<String>,
+    #[serde(default)]
+    vars: BTreeMap<String, String>,
+    #[serde(default)]
+    limits: LimitsSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteSection {
+    pattern: Spanned<String>,
+    script: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    node: NodeSection,
+    #[serde(default)]
+    listen: Vec<ListenSection>,
+    #[serde(default)]
+    limits: LimitsSection,
+    #[serde(default)]
+    scripts: Vec<ScriptSection>,
+    #[serde(default)]
+    routes: Vec<RouteSection>,
+}
+
+/// One script of the node.
+#[derive(Debug, Clone)]
+pub struct ScriptConfig {
+    /// Tenant name.
+    pub name: String,
+    /// Entry module, resolved against the config file's directory.
+    pub entry: PathBuf,
+    /// Plain-text bindings (`env.KEY`).
+    pub vars: BTreeMap<String, String>,
+    /// Limits (defaults merged with the script's overrides).
+    pub limits: Limits,
+}
+
+/// One route of the node.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Host pattern.
+    pub host: HostPattern,
+    /// Path prefix (starts with `/`).
+    pub path_prefix: String,
+    /// Name of the script it serves.
+    pub script: String,
+}
+
+/// A validated node configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// HTTP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Worker threads (default: one per core).
+    pub threads: Option<usize>,
+    /// Pre-booted isolates per worker thread.
+    pub pool_per_thread: Option<usize>,
+    /// Server-side request limits.
+    pub server: ServerLimits,
+    /// Scripts by name, in file order.
+    pub scripts: Vec<ScriptConfig>,
+    /// Routes, in file order.
+    pub routes: Vec<RouteConfig>,
+}
+
+impl NodeConfig {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, path, base)
+    }
+
+    /// Validates config `text` (read from `path`, entries relative to `base`).
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<NodeConfig, ConfigError> {
+        let invalid = |span: std::ops::Range<usize>, message: String| {
+            let (line, column) = line_col(text, span.start);
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message,
+            }
+        };
+        let file: File = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let message = e.message().trim().to_string();
+            match key_at(text, span.start) {
+                Some(key) if !message.contains(&key) => invalid(span, format!("{key}: {message}")),
+                _ => invalid(span, message),
+            }
+        })?;
+
+        if file.listen.is_empty() {
+            return Err(invalid(
+                0..0,
+                "listen: at least one [[listen]] with an addr is required".into(),
+            ));
+        }
+        let mut listen = Vec::new();
+        for l in &file.listen {
+            let addr = l.addr.get_ref().parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    l.addr.span(),
+                    format!(
+                        "listen.addr: {:?} is not an address like 127.0.0.1:8080 ({e})",
+                        l.addr.get_ref()
+                    ),
+                )
+            })?;
+            listen.push(addr);
+        }
+
+        let defaults = merge_limits(&Limits::default(), &file.limits, &invalid)?;
+        let mut server = ServerLimits::default();
+        if let Some(mb) = &file.limits.max_body_mb {
+            server.max_body_bytes = positive(mb, "limits.max_body_mb", &invalid)? * 1024 * 1024;
+        }
+
+        let mut names = HashSet::new();
+        let mut scripts = Vec::new();
+        for s in &file.scripts {
+            let name = s.name.get_ref().clone();
+            if name.is_empty() || !names.insert(name.clone()) {
+                return Err(invalid(
+                    s.name.span(),
+                    format!("scripts.name: {name:?} is empty or used twice"),
+                ));
+            }
+            if s.limits.max_body_mb.is_some() {
+                return Err(invalid(
+                    s.name.span(),
+                    "scripts.limits.max_body_mb: the body limit is node-wide; set it in [limits]"
+                        .into(),
+                ));
+            }
+            let entry = base.join(s.entry.get_ref());
+            if !entry.is_file() {
+                return Err(invalid(
+                    s.entry.span(),
+                    format!("scripts.entry: {} does not exist", entry.display()),
+                ));
+            }
+            scripts.push(ScriptConfig {
+                name,
+                entry,
+                vars: s.vars.clone(),
+                limits: merge_limits(&defaults, &s.limits, &invalid)?,
+            });
+        }
+
+        let mut routes = Vec::new();
+        for r in &file.routes {
+            let raw = r.pattern.get_ref();
+            let (host, prefix) = match raw.find('/') {
+                Some(i) => (&raw[..i], &raw[i..]),
+                None => (raw.as_str(), "/"),
+            };
+            let host = HostPattern::parse(host)
+                .map_err(|e| invalid(r.pattern.span(), format!("routes.pattern: {e}")))?;
+            if !names.contains(r.script.get_ref()) {
+                return Err(invalid(
+                    r.script.span(),
+                    format!("routes.script: no script is named {:?}", r.script.get_ref()),
+                ));
+            }
+            routes.push(RouteConfig {
+                host,
+                path_prefix: prefix.to_string(),
+                script: r.script.get_ref().clone(),
+            });
+        }
+
+        Ok(NodeConfig {
+            listen,
+            threads: file.node.threads,
+            pool_per_thread: file.node.pool_per_thread,
+            server,
+            scripts,
+            routes,
+        })
+    }
+}
+
+fn positive<E>(
+    v: &Spanned<u64>,
+    key: &str,
+    invalid: &impl Fn(std::ops::Range<usize>, String) -> E,
+) -> Result<u64, E> {
+    if *v.get_ref() == 0 {
+        return Err(invalid(v.span(), format!("{key}: must be greater than 0")));
+    }
+    Ok(*v.get_ref())
+}
+
+fn merge_limits<E>(
+    base: &Limits,
+    section: &LimitsSection,
+    invalid: &impl Fn(std::ops::Range<usize>, String) -> E,
+) -> Result<Limits, E> {
+    let mut l = *base;
+    if let Some(v) = &section.cpu_ms {
+        l.cpu_per_request = Duration::from_millis(positive(v, "limits.cpu_ms", invalid)?);
+    }
+    if let Some(v) = &section.wall_ms {
+        l.wall_per_request = Duration::from_millis(positive(v, "limits.wall_ms", invalid)?);
+    }
+    if let Some(v) = &section.heap_mb {
+        let mb = positive(v, "limits.heap_mb", invalid)?;
+        l.heap_bytes = usize::try_from(mb * 1024 * 1024).unwrap_or(usize::MAX);
+    }
+    Ok(l)
+}
+
+/// The dotted key (`limits.cpu_ms`) whose value sits at `offset`, found
+/// from the `key =` on that line and the nearest `[table]` header above.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let table = text[..line_start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.starts_with('[')
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    });
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        let dir = std::env::temp_dir();
+        std::fs::write(dir.join("atoll-config-test-entry.js"), "export default {}").expect("write");
+        NodeConfig::parse(text, Path::new("node.toml"), &dir)
+    }
+
+    #[test]
+    fn a_full_config_validates_and_merges_limits() {
+        let c = parse(
+            r#"
+[node]
+threads = 2
+
+[[listen]]
+addr = "127.0.0.1:8080"
+
+[limits]
+cpu_ms = 20
+max_body_mb = 5
+
+[[scripts]]
+name = "api"
+entry = "atoll-config-test-entry.js"
+vars = { GREETING = "hi" }
+limits = { cpu_ms = 100, heap_mb = 64 }
+
+[[routes]]
+pattern = "*.example.com/api"
+script = "api"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(c.threads, Some(2));
+        assert_eq!(c.server.max_body_bytes, 5 * 1024 * 1024);
+        let s = &c.scripts[0];
+        assert_eq!(s.limits.cpu_per_request, Duration::from_millis(100));
+        assert_eq!(s.limits.heap_bytes, 64 * 1024 * 1024);
+        assert_eq!(s.vars["GREETING"], "hi");
+        assert_eq!(
+            c.routes[0].host,
+            HostPattern::Wildcard("example.com".into())
+        );
+        assert_eq!(c.routes[0].path_prefix, "/api");
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let cases = [
+            (
+                "[[listen]]\naddr = \"127.0.0.1:1\"\n[limits]\ncpu_ms = \"fast\"\n",
+                4,
+                "limits.cpu_ms: invalid type",
+            ),
+            ("[[listen]]\naddr = \"nope\"\n", 2, "listen.addr"),
+            (
+                "[[listen]]\naddr = \"127.0.0.1:1\"\nbogus = 1\n",
+                3,
+                "unknown field `bogus`",
+            ),
+            (
+                "[[listen]]\naddr = \"127.0.0.1:1\"\n[[routes]]\npattern = \"a.test\"\nscript = \"missing\"\n",
+                5,
+                "routes.script",
+            ),
+            (
+                "[[listen]]\naddr = \"127.0.0.1:1\"\n[[scripts]]\nname = \"a\"\nentry = \"nowhere.js\"\n",
+                5,
+                "scripts.entry",
+            ),
+            (
+                "[[listen]]\naddr = \"127.0.0.1:1\"\n[limits]\nheap_mb = 0\n",
+                4,
+                "limits.heap_mb",
+            ),
+            ("[node]\nthreads = 1\n", 1, "at least one [[listen]]"),
+            (
+                "[[listen]]\naddr = \"127.0.0.1:1\"\n[[routes]]\npattern = \"a.*.b\"\nscript = \"x\"\n",
+                4,
+                "routes.pattern",
+            ),
+        ];
+        for (text, line, needle) in cases {
+            let e = parse(text).expect_err(text).to_string();
+            assert!(e.starts_with(&format!("node.toml:{line}:")), "{e}");
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+}

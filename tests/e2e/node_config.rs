@@ -1,0 +1,112 @@
+//! `atoll node --config`: a node built from its config file.
+
+use crate::harness::{Dev, client, run_to_exit};
+
+const CONFIG: &str = r#"
+[node]
+threads = 2
+
+[[listen]]
+addr = "127.0.0.1:0"
+
+[limits]
+cpu_ms = 200
+
+[[scripts]]
+name = "site"
+entry = "site.js"
+
+[[scripts]]
+name = "api"
+entry = "api/main.ts"
+vars = { VERSION = "v2" }
+
+[[routes]]
+pattern = "*.example.test"
+script = "site"
+
+[[routes]]
+pattern = "www.example.test/api"
+script = "api"
+"#;
+
+#[tokio::test]
+async fn node_serves_scripts_by_route_from_its_config() {
+    let node = Dev::start_node(&[
+        ("node.toml", CONFIG),
+        (
+            "site.js",
+            "export default { fetch: (r) => new Response('site ' + new URL(r.url).pathname) };\n",
+        ),
+        (
+            "api/main.ts",
+            "export default { fetch: (_r: Request, env: { VERSION: string }) => Response.json({ api: env.VERSION }) };\n",
+        ),
+    ]);
+    let c = client();
+    let get = |host: &'static str, path: &'static str| {
+        let c = c.clone();
+        let url = node.url(path);
+        async move {
+            let resp = c
+                .get(url)
+                .header("host", host)
+                .send()
+                .await
+                .expect("request");
+            (resp.status().as_u16(), resp.text().await.expect("text"))
+        }
+    };
+    assert_eq!(get("www.example.test", "/").await, (200, "site /".into()));
+    assert_eq!(
+        get("www.example.test", "/api/x").await,
+        (200, r#"{"api":"v2"}"#.into())
+    );
+    assert_eq!(
+        get("blog.example.test", "/api").await,
+        (200, "site /api".into())
+    );
+    let (status, text) = get("other.test", "/nope").await;
+    assert_eq!(status, 404);
+    assert!(
+        text.contains("other.test") && text.contains("/nope"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_malformed_config_is_refused_with_file_line_and_key() {
+    let out = run_to_exit(
+        &[(
+            "node.toml",
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[limits]\ncpu_ms = \"lots\"\n",
+        )],
+        &["node", "--config", "node.toml"],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("node.toml:5:"), "{stderr}");
+    assert!(stderr.contains("cpu_ms"), "{stderr}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening"),
+        "a bad config must not start listening"
+    );
+
+    let out = run_to_exit(
+        &[(
+            "node.toml",
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[routes]]\npattern = \"a.test\"\nscript = \"ghost\"\n",
+        )],
+        &["node", "--config", "node.toml"],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("node.toml:6:") && stderr.contains("routes.script"),
+        "{stderr}"
+    );
+
+    let out = run_to_exit(&[], &["node", "--config", "missing.toml"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+}
