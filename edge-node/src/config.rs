@@ -15,6 +15,9 @@ use toml::Spanned;
 use crate::routes::HostPattern;
 use crate::server::ServerLimits;
 
+/// Port of the admin listener when the config has no `[admin]`.
+pub const DEFAULT_ADMIN_PORT: u16 = 9901;
+
 /// A config file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -53,6 +56,12 @@ struct ListenSection {
     addr: Spanned<String>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminSection {
+    addr: Spanned<String>,
+}
+
 /// Limits as written in the file; unset fields inherit.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +97,7 @@ struct File {
     node: NodeSection,
     #[serde(default)]
     listen: Vec<ListenSection>,
+    admin: Option<AdminSection>,
     #[serde(default)]
     limits: LimitsSection,
     #[serde(default)]
@@ -125,6 +135,8 @@ pub struct RouteConfig {
 pub struct NodeConfig {
     /// HTTP listen addresses.
     pub listen: Vec<SocketAddr>,
+    /// The operator's listener (loopback by default).
+    pub admin: SocketAddr,
     /// Worker threads (default: one per core).
     pub threads: Option<usize>,
     /// Pre-booted isolates per worker thread.
@@ -188,6 +200,19 @@ impl NodeConfig {
             listen.push(addr);
         }
 
+        let admin = match &file.admin {
+            None => SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT)),
+            Some(a) => a.addr.get_ref().parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    a.addr.span(),
+                    format!(
+                        "admin.addr: {:?} is not an address like 127.0.0.1:9901 ({e})",
+                        a.addr.get_ref()
+                    ),
+                )
+            })?,
+        };
+
         let defaults = merge_limits(&Limits::default(), &file.limits, &invalid)?;
         let mut server = ServerLimits::default();
         if let Some(mb) = &file.limits.max_body_mb {
@@ -250,6 +275,7 @@ impl NodeConfig {
 
         Ok(NodeConfig {
             listen,
+            admin,
             threads: file.node.threads,
             pool_per_thread: file.node.pool_per_thread,
             server,

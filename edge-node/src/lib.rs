@@ -5,11 +5,15 @@
 //! runtime, and logs one line per request. Routes can be replaced while
 //! the node runs; requests in flight keep the deployment they started with.
 
+mod admin;
 mod body;
 mod config;
+mod metrics;
 mod routes;
 mod server;
 
+pub use admin::serve_admin;
 pub use config::{ConfigError, NodeConfig, RouteConfig, ScriptConfig};
+pub use metrics::Metrics;
 pub use routes::{HostPattern, RouteError, Routes};
 pub use server::{EdgeNode, ServerLimits};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use atoll_runtime::{ByteString, DispatchError, HttpRequest, Runtime};
+use atoll_runtime::{ByteString, DispatchError, HttpRequest, LimitKind, Runtime};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -45,6 +45,7 @@ pub struct EdgeNode {
     runtime: Arc<Runtime>,
     routes: ArcSwap<Routes>,
     limits: ServerLimits,
+    metrics: crate::metrics::Metrics,
 }
 
 impl EdgeNode {
@@ -63,6 +64,7 @@ impl EdgeNode {
             runtime,
             routes: ArcSwap::from_pointee(routes),
             limits,
+            metrics: crate::metrics::Metrics::default(),
         })
     }
 
@@ -76,6 +78,11 @@ impl EdgeNode {
     /// The current route table.
     pub fn routes(&self) -> Arc<Routes> {
         self.routes.load_full()
+    }
+
+    /// The node's request metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// The runtime behind this node.
@@ -169,6 +176,7 @@ impl EdgeNode {
         let routes = self.routes.load();
         let Some(deployment) = routes.lookup(&host, &path).cloned() else {
             tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, status = 404, "no route");
+            self.metrics.unrouted();
             return plain(
                 StatusCode::NOT_FOUND,
                 &request_id,
@@ -220,6 +228,21 @@ impl EdgeNode {
             };
             let result = self.runtime.dispatch(deployment.clone(), request).await;
             let elapsed = started.elapsed();
+            let status = match &result {
+                Ok(r) => r.status,
+                Err(e) => e.status(),
+            };
+            self.metrics.request(&deployment.tenant, status, elapsed);
+            if let Err(DispatchError::Limit(kind, _)) = &result {
+                self.metrics.limit_termination(
+                    &deployment.tenant,
+                    match kind {
+                        LimitKind::Cpu => "cpu",
+                        LimitKind::Memory => "memory",
+                        LimitKind::WallClock => "wall_clock",
+                    },
+                );
+            }
             match result {
                 Ok(resp) => {
                     let status = resp.status;

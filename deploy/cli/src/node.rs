@@ -73,6 +73,9 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("listening on {addr} (is another server using it?)"))?;
             listeners.push(l);
         }
+        let admin = TcpListener::bind(config.admin)
+            .await
+            .with_context(|| format!("admin listener on {} (set [admin] addr)", config.admin))?;
         let mut runtime_config = RuntimeConfig::default();
         if let Some(t) = config.threads {
             runtime_config.threads = t;
@@ -97,6 +100,15 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
                 DRAIN_DEADLINE,
             )));
         }
+        println!("atoll node: admin on http://{}", admin.local_addr()?);
+        let mut stop = stop_rx.clone();
+        let admin_task = tokio::spawn(atoll_edge_node::serve_admin(
+            node.clone(),
+            admin,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        ));
         tracing::info!(
             scripts = config.scripts.len(),
             routes = config.routes.len(),
@@ -107,6 +119,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         for s in servers {
             s.await.context("a listener task failed")??;
         }
+        admin_task.await.context("the admin task failed")??;
         println!("atoll node: stopped");
         Ok(())
     })

@@ -1,0 +1,94 @@
+//! The operator's listener: health, readiness, metrics and tenants.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::body::{ResponseBody, full};
+use crate::server::EdgeNode;
+
+/// Serves `/healthz`, `/readyz`, `/metrics` (Prometheus text) and `/tenants`
+/// (JSON) for `node` on `listener` until `shutdown` resolves.
+pub async fn serve_admin(
+    node: Arc<EdgeNode>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("admin accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let node = node.clone();
+                async move { Ok::<_, Infallible>(answer(&node, req).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn answer(node: &EdgeNode, req: Request<Incoming>) -> Response<ResponseBody> {
+    let (status, content_type, body) = match req.uri().path() {
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/readyz" => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        "/metrics" => {
+            let stats = node.runtime().stats().await;
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                node.metrics().render(&stats),
+            )
+        }
+        "/tenants" => {
+            let stats = node.runtime().stats().await;
+            let tenants: Vec<serde_json::Value> = stats
+                .iter()
+                .flat_map(|w| w.isolates.iter())
+                .map(|i| {
+                    serde_json::json!({
+                        "tenant": i.tenant,
+                        "version": i.version,
+                        "heap_used_bytes": i.heap_used,
+                        "in_flight": i.in_flight,
+                        "cpu_ms": i.cpu_total.as_secs_f64() * 1e3,
+                        "idle_seconds": i.last_used.map(|t| t.elapsed().as_secs_f64()),
+                    })
+                })
+                .collect();
+            (
+                StatusCode::OK,
+                "application/json",
+                serde_json::json!({ "isolates": tenants }).to_string(),
+            )
+        }
+        other => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no admin endpoint {other}; try /healthz, /readyz, /metrics, /tenants\n"),
+        ),
+    };
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    resp
+}

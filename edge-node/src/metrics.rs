@@ -1,0 +1,233 @@
+//! Request metrics kept by the node and rendered in Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use atoll_runtime::WorkerStats;
+
+/// Upper bounds (seconds) of the request latency histogram buckets.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: BTreeMap<(String, u16), u64>,
+    latency: BTreeMap<String, Histogram>,
+    limit_terminations: BTreeMap<(String, &'static str), u64>,
+    unrouted: u64,
+}
+
+/// Counters and histograms of one node.
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+impl Metrics {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Plain counters: a panic mid-update cannot leave them inconsistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a request answered for `tenant`.
+    pub fn request(&self, tenant: &str, status: u16, elapsed: Duration) {
+        let mut m = self.lock();
+        *m.requests.entry((tenant.to_string(), status)).or_default() += 1;
+        let h = m.latency.entry(tenant.to_string()).or_default();
+        let secs = elapsed.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += secs;
+    }
+
+    /// Records a request that matched no route.
+    pub fn unrouted(&self) {
+        self.lock().unrouted += 1;
+    }
+
+    /// Records an isolate or request ended by a limit.
+    pub fn limit_termination(&self, tenant: &str, limit: &'static str) {
+        *self
+            .lock()
+            .limit_terminations
+            .entry((tenant.to_string(), limit))
+            .or_default() += 1;
+    }
+
+    /// Prometheus text exposition of these metrics plus the runtime's stats.
+    pub fn render(&self, workers: &[WorkerStats]) -> String {
+        let m = self.lock();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP atoll_requests_total Requests answered, by tenant and status."
+        );
+        let _ = writeln!(out, "# TYPE atoll_requests_total counter");
+        for ((tenant, status), n) in &m.requests {
+            let _ = writeln!(
+                out,
+                "atoll_requests_total{{tenant=\"{}\",status=\"{status}\"}} {n}",
+                escape(tenant)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP atoll_unrouted_requests_total Requests no route matched (404)."
+        );
+        let _ = writeln!(out, "# TYPE atoll_unrouted_requests_total counter");
+        let _ = writeln!(out, "atoll_unrouted_requests_total {}", m.unrouted);
+        let _ = writeln!(
+            out,
+            "# HELP atoll_request_duration_seconds Time to the response head, by tenant."
+        );
+        let _ = writeln!(out, "# TYPE atoll_request_duration_seconds histogram");
+        for (tenant, h) in &m.latency {
+            let t = escape(tenant);
+            for (i, le) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "atoll_request_duration_seconds_bucket{{tenant=\"{t}\",le=\"{le}\"}} {}",
+                    h.counts[i]
+                );
+            }
+            let _ = writeln!(
+                out,
+                "atoll_request_duration_seconds_bucket{{tenant=\"{t}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "atoll_request_duration_seconds_sum{{tenant=\"{t}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "atoll_request_duration_seconds_count{{tenant=\"{t}\"}} {}",
+                h.count
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP atoll_limit_terminations_total Requests ended by a limit, by tenant and limit."
+        );
+        let _ = writeln!(out, "# TYPE atoll_limit_terminations_total counter");
+        for ((tenant, limit), n) in &m.limit_terminations {
+            let _ = writeln!(
+                out,
+                "atoll_limit_terminations_total{{tenant=\"{}\",limit=\"{limit}\"}} {n}",
+                escape(tenant)
+            );
+        }
+        drop(m);
+
+        let cold: u64 = workers.iter().map(|w| w.cold_starts).sum();
+        let misses: u64 = workers.iter().map(|w| w.pool_misses).sum();
+        let pooled: usize = workers.iter().map(|w| w.pooled).sum();
+        let live: usize = workers.iter().map(|w| w.isolates.len()).sum();
+        let _ = writeln!(
+            out,
+            "# HELP atoll_cold_starts_total Isolates started for a tenant."
+        );
+        let _ = writeln!(out, "# TYPE atoll_cold_starts_total counter");
+        let _ = writeln!(out, "atoll_cold_starts_total {cold}");
+        let _ = writeln!(
+            out,
+            "# HELP atoll_pool_misses_total Cold starts that found the pre-booted pool empty."
+        );
+        let _ = writeln!(out, "# TYPE atoll_pool_misses_total counter");
+        let _ = writeln!(out, "atoll_pool_misses_total {misses}");
+        let _ = writeln!(out, "# HELP atoll_isolates Isolates by state.");
+        let _ = writeln!(out, "# TYPE atoll_isolates gauge");
+        let _ = writeln!(out, "atoll_isolates{{state=\"live\"}} {live}");
+        let _ = writeln!(out, "atoll_isolates{{state=\"pooled\"}} {pooled}");
+        let _ = writeln!(
+            out,
+            "# HELP atoll_isolate_cpu_seconds CPU time used by live isolates, by tenant."
+        );
+        let _ = writeln!(out, "# TYPE atoll_isolate_cpu_seconds gauge");
+        let _ = writeln!(
+            out,
+            "# HELP atoll_isolate_heap_bytes V8 heap in use by live isolates, by tenant."
+        );
+        let _ = writeln!(out, "# TYPE atoll_isolate_heap_bytes gauge");
+        for i in workers.iter().flat_map(|w| w.isolates.iter()) {
+            let t = escape(&i.tenant);
+            let _ = writeln!(
+                out,
+                "atoll_isolate_cpu_seconds{{tenant=\"{t}\"}} {}",
+                i.cpu_total.as_secs_f64()
+            );
+            let _ = writeln!(
+                out,
+                "atoll_isolate_heap_bytes{{tenant=\"{t}\"}} {}",
+                i.heap_used
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory of the node."
+        );
+        let _ = writeln!(out, "# TYPE process_resident_memory_bytes gauge");
+        let _ = writeln!(out, "process_resident_memory_bytes {}", resident_bytes());
+        out
+    }
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.request("a\"b", 200, Duration::from_micros(700));
+        m.request("a\"b", 200, Duration::from_millis(30));
+        m.request("a\"b", 503, Duration::from_millis(60));
+        m.limit_termination("a\"b", "cpu");
+        m.unrouted();
+        let text = m.render(&[]);
+        assert!(
+            text.contains("atoll_requests_total{tenant=\"a\\\"b\",status=\"200\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("atoll_requests_total{tenant=\"a\\\"b\",status=\"503\"} 1"));
+        assert!(text.contains("le=\"0.001\"} 1"));
+        assert!(text.contains("le=\"0.05\"} 2"));
+        assert!(text.contains("le=\"+Inf\"} 3"));
+        assert!(text.contains("atoll_limit_terminations_total{tenant=\"a\\\"b\",limit=\"cpu\"} 1"));
+        assert!(text.contains("atoll_unrouted_requests_total 1"));
+    }
+}
