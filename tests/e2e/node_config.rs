@@ -185,4 +185,18 @@ async fn admin_listener_reports_health_metrics_and_tenants() {
     assert_eq!(isolates.len(), 1, "{tenants}");
     assert_eq!(isolates[0]["tenant"], "site");
     assert!(isolates[0]["heap_used_bytes"].as_u64().expect("bytes") > 0);
+
+    // The same for a person.
+    let out = run_to_exit(&[], &["node", "status", "--admin", &admin]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("requests 2"), "{stdout}");
+    assert!(stdout.contains("site"), "{stdout}");
+    let out = run_to_exit(&[], &["node", "status", "--admin", "127.0.0.1:1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }

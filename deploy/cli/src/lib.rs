@@ -4,6 +4,7 @@ mod bundler;
 mod dev;
 mod logging;
 mod node;
+mod node_status;
 mod signals;
 
 use clap::{Parser, Subcommand};

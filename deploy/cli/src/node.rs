@@ -17,7 +17,10 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Arguments of `atoll node`.
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct NodeArgs {
+    #[command(subcommand)]
+    action: Option<NodeAction>,
     /// The node's configuration file.
     #[arg(long, value_name = "FILE", default_value = "node.toml")]
     config: PathBuf,
@@ -26,8 +29,26 @@ pub struct NodeArgs {
     log_format: String,
 }
 
-/// Runs an edge node until SIGTERM/SIGINT.
+#[derive(clap::Subcommand)]
+enum NodeAction {
+    /// Show a running node's isolates and counters (from its admin listener).
+    Status {
+        /// The node's admin address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+    },
+}
+
+/// Runs `atoll node` or one of its actions.
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
+    match &args.action {
+        Some(NodeAction::Status { admin }) => crate::node_status::print(admin),
+        None => run_node(args),
+    }
+}
+
+/// Runs an edge node until SIGTERM/SIGINT.
+fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     crate::logging::init(args.log_format == "json");
     // Everything is validated and built before anything listens: a bad
     // config or script leaves no half-started node behind.

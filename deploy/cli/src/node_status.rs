@@ -1,0 +1,92 @@
+//! `atoll node status`: a person's view of a node's admin endpoints.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// Fetches `/tenants` and `/metrics` from `admin` and prints a summary.
+pub fn print(admin: &str) -> anyhow::Result<()> {
+    let addr = admin
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let tenants: serde_json::Value = serde_json::from_str(&get(&addr, "/tenants")?)
+        .context("the admin listener returned invalid JSON for /tenants")?;
+    let metrics = get(&addr, "/metrics")?;
+
+    let total = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    println!("node {addr}");
+    println!(
+        "  requests {}   unrouted {}   cold starts {}   pool misses {}   limit terminations {}",
+        total("atoll_requests_total"),
+        total("atoll_unrouted_requests_total"),
+        total("atoll_cold_starts_total"),
+        total("atoll_pool_misses_total"),
+        total("atoll_limit_terminations_total"),
+    );
+    println!(
+        "  isolates live {}   pooled {}   resident memory {:.1} MiB",
+        total("atoll_isolates{state=\"live\"}"),
+        total("atoll_isolates{state=\"pooled\"}"),
+        total("process_resident_memory_bytes") / 1048576.0
+    );
+    let empty = Vec::new();
+    let isolates = tenants["isolates"].as_array().unwrap_or(&empty);
+    println!();
+    println!(
+        "  {:<24} {:<18} {:>9} {:>9} {:>10} {:>9}",
+        "TENANT", "VERSION", "HEAP MiB", "IN FLIGHT", "CPU ms", "IDLE s"
+    );
+    for i in isolates {
+        println!(
+            "  {:<24} {:<18} {:>9.1} {:>9} {:>10.1} {:>9.1}",
+            i["tenant"].as_str().unwrap_or("?"),
+            i["version"].as_str().unwrap_or("?"),
+            i["heap_used_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            i["in_flight"].as_u64().unwrap_or(0),
+            i["cpu_ms"].as_f64().unwrap_or(0.0),
+            i["idle_seconds"].as_f64().unwrap_or(0.0),
+        );
+    }
+    if isolates.is_empty() {
+        println!("  (no live isolates)");
+    }
+    Ok(())
+}
+
+/// A minimal HTTP/1.1 GET; the admin listener answers with a fixed-length body.
+fn get(addr: &str, path: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(addr).with_context(|| {
+        format!(
+            "cannot reach the node's admin listener at {addr} (is the node running? try --admin)"
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .with_context(|| format!("reading {path} from {addr}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("{addr}{path}: not an HTTP response");
+    };
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "{addr}{path}: {}",
+            head.lines().next().unwrap_or("no status line")
+        );
+    }
+    Ok(body.to_string())
+}
