@@ -14,6 +14,7 @@ use toml::Spanned;
 
 use crate::routes::HostPattern;
 use crate::server::ServerLimits;
+use crate::tls::CertSpec;
 
 /// Port of the admin listener when the config has no `[admin]`.
 pub const DEFAULT_ADMIN_PORT: u16 = 9901;
@@ -54,6 +55,16 @@ struct NodeSection {
 #[serde(deny_unknown_fields)]
 struct ListenSection {
     addr: Spanned<String>,
+    #[serde(default)]
+    tls: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertificateSection {
+    hosts: Spanned<Vec<String>>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,11 +110,22 @@ struct File {
     listen: Vec<ListenSection>,
     admin: Option<AdminSection>,
     #[serde(default)]
+    certificates: Vec<CertificateSection>,
+    #[serde(default)]
     limits: LimitsSection,
     #[serde(default)]
     scripts: Vec<ScriptSection>,
     #[serde(default)]
     routes: Vec<RouteSection>,
+}
+
+/// One listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenConfig {
+    /// Address to bind.
+    pub addr: SocketAddr,
+    /// HTTPS (with `certificates`, or a generated self-signed one) or plain HTTP.
+    pub tls: bool,
 }
 
 /// One script of the node.
@@ -133,8 +155,10 @@ pub struct RouteConfig {
 /// A validated node configuration.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    /// HTTP listen addresses.
-    pub listen: Vec<SocketAddr>,
+    /// Listeners.
+    pub listen: Vec<ListenConfig>,
+    /// Certificates for HTTPS listeners, chosen by SNI.
+    pub certificates: Vec<CertSpec>,
     /// The operator's listener (loopback by default).
     pub admin: SocketAddr,
     /// Worker threads (default: one per core).
@@ -197,7 +221,33 @@ impl NodeConfig {
                     ),
                 )
             })?;
-            listen.push(addr);
+            listen.push(ListenConfig { addr, tls: l.tls });
+        }
+
+        let mut certificates = Vec::new();
+        for c in &file.certificates {
+            if c.hosts.get_ref().is_empty() {
+                return Err(invalid(
+                    c.hosts.span(),
+                    "certificates.hosts: name at least one host (or *.suffix)".into(),
+                ));
+            }
+            for (key, value) in [("certificates.cert", &c.cert), ("certificates.key", &c.key)] {
+                if !base.join(value.get_ref()).is_file() {
+                    return Err(invalid(
+                        value.span(),
+                        format!(
+                            "{key}: {} does not exist",
+                            base.join(value.get_ref()).display()
+                        ),
+                    ));
+                }
+            }
+            certificates.push(CertSpec {
+                hosts: c.hosts.get_ref().clone(),
+                cert: base.join(c.cert.get_ref()),
+                key: base.join(c.key.get_ref()),
+            });
         }
 
         let admin = match &file.admin {
@@ -275,6 +325,7 @@ impl NodeConfig {
 
         Ok(NodeConfig {
             listen,
+            certificates,
             admin,
             threads: file.node.threads,
             pool_per_thread: file.node.pool_per_thread,

@@ -11,9 +11,11 @@ mod config;
 mod metrics;
 mod routes;
 mod server;
+mod tls;
 
 pub use admin::serve_admin;
-pub use config::{ConfigError, NodeConfig, RouteConfig, ScriptConfig};
+pub use config::{ConfigError, ListenConfig, NodeConfig, RouteConfig, ScriptConfig};
 pub use metrics::Metrics;
 pub use routes::{HostPattern, RouteError, Routes};
 pub use server::{EdgeNode, ServerLimits};
+pub use tls::{CertSpec, TlsError, acceptor as tls_acceptor, self_signed};

@@ -97,6 +97,7 @@ impl EdgeNode {
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
         shutdown: impl Future<Output = ()>,
         drain_deadline: std::time::Duration,
     ) -> std::io::Result<()> {
@@ -132,12 +133,36 @@ impl EdgeNode {
                 let node = node.clone();
                 async move { Ok::<_, Infallible>(node.handle(req, peer).await) }
             });
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let conn = graceful.watch(conn);
+            let watcher = graceful.watcher();
+            let builder = builder.clone();
+            let tls = tls.clone();
+            let handshake_timeout = self.limits.header_read_timeout;
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                let result = match tls {
+                    None => {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Some(acceptor) => {
+                        let tls_stream =
+                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, "TLS handshake failed: {e}");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                        let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                };
+                if let Err(e) = result {
                     tracing::debug!(%peer, "connection ended: {e}");
                 }
             });
@@ -164,6 +189,7 @@ impl EdgeNode {
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
             .map(str::to_string)
+            // HTTP/2 carries the host in :authority, not a Host header.
             .or_else(|| parts.uri.authority().map(|a| a.to_string()))
             .unwrap_or_else(|| "localhost".to_string());
         let path = parts

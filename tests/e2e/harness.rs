@@ -64,7 +64,7 @@ impl Dev {
                 .lock()
                 .expect("lock")
                 .lines()
-                .find(|l| l.contains("listening on http://"))
+                .find(|l| l.contains("listening on http"))
             {
                 let url = line.split("listening on ").nth(1).expect("url").trim();
                 break url.to_string();

@@ -200,3 +200,174 @@ async fn admin_listener_reports_health_metrics_and_tenants() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
+
+/// A CA, and a leaf certificate for `host` signed by it: (CA PEM, leaf PEM, leaf key PEM).
+fn ca_and_leaf(host: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{host} test CA"));
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec![host.to_string()])
+        .expect("params")
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf cert");
+    (ca_cert.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
+
+#[tokio::test]
+async fn https_picks_the_certificate_by_sni_and_offers_http2() {
+    let (ca_a, cert_a, key_a) = ca_and_leaf("a.example.test");
+    let (ca_b, cert_b, key_b) = ca_and_leaf("b.example.test");
+    let config = r#"
+[[listen]]
+addr = "127.0.0.1:0"
+tls = true
+
+[admin]
+addr = "127.0.0.1:0"
+
+[[certificates]]
+hosts = ["a.example.test"]
+cert = "a.pem"
+key = "a-key.pem"
+
+[[certificates]]
+hosts = ["b.example.test"]
+cert = "b.pem"
+key = "b-key.pem"
+
+[[scripts]]
+name = "a"
+entry = "a.js"
+
+[[scripts]]
+name = "b"
+entry = "b.js"
+
+[[routes]]
+pattern = "a.example.test"
+script = "a"
+
+[[routes]]
+pattern = "b.example.test"
+script = "b"
+"#;
+    let node = Dev::start_node(&[
+        ("node.toml", config),
+        ("a.pem", &cert_a),
+        ("a-key.pem", &key_a),
+        ("b.pem", &cert_b),
+        ("b-key.pem", &key_b),
+        (
+            "a.js",
+            "export default { fetch: () => new Response('tenant a') };\n",
+        ),
+        (
+            "b.js",
+            "export default { fetch: () => new Response('tenant b') };\n",
+        ),
+    ]);
+    assert!(node.base.starts_with("https://"), "{}", node.base);
+    let addr: std::net::SocketAddr = node
+        .base
+        .trim_start_matches("https://")
+        .parse()
+        .expect("address");
+    let trusting = |ca: &str| {
+        reqwest::Client::builder()
+            .no_proxy()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).expect("CA"))
+            // The names resolve to the node on loopback, never to the network.
+            .resolve("a.example.test", addr)
+            .resolve("b.example.test", addr)
+            .build()
+            .expect("client")
+    };
+    let only_a = trusting(&ca_a);
+    let only_b = trusting(&ca_b);
+    let port = addr.port();
+
+    let resp = only_a
+        .get(format!("https://a.example.test:{port}/"))
+        .send()
+        .await
+        .expect("a over TLS");
+    assert_eq!(
+        resp.version(),
+        reqwest::Version::HTTP_2,
+        "ALPN should pick h2"
+    );
+    assert_eq!(resp.text().await.expect("text"), "tenant a");
+    let resp = only_b
+        .get(format!("https://b.example.test:{port}/"))
+        .send()
+        .await
+        .expect("b over TLS");
+    assert_eq!(resp.text().await.expect("text"), "tenant b");
+
+    // Each client trusts only its own CA: the other host's certificate fails.
+    assert!(
+        only_a
+            .get(format!("https://b.example.test:{port}/"))
+            .send()
+            .await
+            .is_err()
+    );
+    assert!(
+        only_b
+            .get(format!("https://a.example.test:{port}/"))
+            .send()
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn https_without_certificates_generates_a_development_one() {
+    let node = Dev::start_node(&[
+        (
+            "node.toml",
+            "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = true\n\n[admin]\naddr = \"127.0.0.1:0\"\n\n[[scripts]]\nname = \"s\"\nentry = \"s.js\"\n\n[[routes]]\npattern = \"*\"\nscript = \"s\"\n",
+        ),
+        (
+            "s.js",
+            "export default { fetch: () => new Response('dev tls') };\n",
+        ),
+    ]);
+    let out = node.out();
+    let line = out
+        .lines()
+        .find(|l| l.contains("generated a self-signed certificate"))
+        .expect("the generated certificate is announced");
+    let path = line.rsplit(": ").next().expect("path").trim();
+    let pem = std::fs::read(path).expect("the certificate file exists");
+    let addr: std::net::SocketAddr = node
+        .base
+        .trim_start_matches("https://")
+        .parse()
+        .expect("address");
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("cert"))
+        .resolve("localhost", addr)
+        .build()
+        .expect("client");
+    let text = c
+        .get(format!("https://localhost:{}/", addr.port()))
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(text, "dev tls");
+}

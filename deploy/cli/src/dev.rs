@@ -219,6 +219,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         }
         node.serve(
             listener,
+            None,
             crate::signals::shutdown(),
             Duration::from_secs(10),
         )

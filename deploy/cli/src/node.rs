@@ -53,11 +53,10 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     // Everything is validated and built before anything listens: a bad
     // config or script leaves no half-started node behind.
     let config = NodeConfig::load(&args.config)?;
-    let config_dir = args
-        .config
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let config_dir = match args.config.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     let mut deployments = HashMap::new();
     for s in &config.scripts {
         let root = bundler::project_root(&s.entry, &config_dir);
@@ -87,12 +86,34 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     tokio_rt.block_on(async move {
+        let tls = if config.listen.iter().any(|l| l.tls) {
+            let mut certs = config.certificates.clone();
+            if certs.is_empty() {
+                let dir = std::path::absolute(config_dir.join(".atoll"))
+                    .context("locating the config directory")?;
+                let mut hosts = vec!["localhost".to_string()];
+                hosts.extend(config.routes.iter().filter_map(|r| match &r.host {
+                    atoll_edge_node::HostPattern::Exact(h) => Some(h.clone()),
+                    atoll_edge_node::HostPattern::Wildcard(s) => Some(format!("*.{s}")),
+                    atoll_edge_node::HostPattern::Any => None,
+                }));
+                let spec = atoll_edge_node::self_signed(&hosts, &dir)?;
+                println!(
+                    "atoll node: no [[certificates]] configured; generated a self-signed certificate for development: {}",
+                    spec.cert.display()
+                );
+                certs.push(spec);
+            }
+            Some(atoll_edge_node::tls_acceptor(&certs)?)
+        } else {
+            None
+        };
         let mut listeners = Vec::new();
-        for addr in &config.listen {
-            let l = TcpListener::bind(addr)
+        for l in &config.listen {
+            let listener = TcpListener::bind(l.addr)
                 .await
-                .with_context(|| format!("listening on {addr} (is another server using it?)"))?;
-            listeners.push(l);
+                .with_context(|| format!("listening on {} (is another server using it?)", l.addr))?;
+            listeners.push((listener, l.tls));
         }
         let admin = TcpListener::bind(config.admin)
             .await
@@ -109,14 +130,17 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut servers = Vec::new();
-        for l in listeners {
-            println!("atoll node: listening on http://{}", l.local_addr()?);
+        for (l, is_tls) in listeners {
+            let scheme = if is_tls { "https" } else { "http" };
+            println!("atoll node: listening on {scheme}://{}", l.local_addr()?);
             let mut stop = stop_rx.clone();
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
+            let acceptor = if is_tls { tls.clone() } else { None };
             servers.push(tokio::spawn(node.clone().serve(
                 l,
+                acceptor,
                 shutdown,
                 DRAIN_DEADLINE,
             )));
