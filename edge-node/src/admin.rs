@@ -28,6 +28,7 @@ pub async fn serve_admin(
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!("admin accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -38,11 +39,23 @@ pub async fn serve_admin(
                 let node = node.clone();
                 async move { Ok::<_, Infallible>(answer(&node, req).await) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10));
+            let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
     }
+}
+
+/// The runtime's stats, or none if a worker is too busy to answer soon.
+async fn stats(node: &EdgeNode) -> Vec<atoll_runtime::WorkerStats> {
+    tokio::time::timeout(std::time::Duration::from_secs(5), node.runtime().stats())
+        .await
+        .unwrap_or_default()
 }
 
 async fn answer(node: &EdgeNode, req: Request<Incoming>) -> Response<ResponseBody> {
@@ -50,7 +63,7 @@ async fn answer(node: &EdgeNode, req: Request<Incoming>) -> Response<ResponseBod
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" => (StatusCode::OK, "text/plain", "ready\n".to_string()),
         "/metrics" => {
-            let stats = node.runtime().stats().await;
+            let stats = stats(node).await;
             (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
@@ -58,7 +71,7 @@ async fn answer(node: &EdgeNode, req: Request<Incoming>) -> Response<ResponseBod
             )
         }
         "/tenants" => {
-            let stats = node.runtime().stats().await;
+            let stats = stats(node).await;
             let tenants: Vec<serde_json::Value> = stats
                 .iter()
                 .flat_map(|w| w.isolates.iter())

@@ -167,6 +167,8 @@ pub struct NodeConfig {
     pub pool_per_thread: Option<usize>,
     /// Server-side request limits.
     pub server: ServerLimits,
+    /// Limits of scripts that set none of their own.
+    pub default_limits: Limits,
     /// Scripts by name, in file order.
     pub scripts: Vec<ScriptConfig>,
     /// Routes, in file order.
@@ -243,6 +245,13 @@ impl NodeConfig {
                     ));
                 }
             }
+            if !file.listen.iter().any(|l| l.tls) {
+                return Err(invalid(
+                    c.cert.span(),
+                    "certificates: no [[listen]] has tls = true, so this certificate would be unused"
+                        .into(),
+                ));
+            }
             certificates.push(CertSpec {
                 hosts: c.hosts.get_ref().clone(),
                 cert: base.join(c.cert.get_ref()),
@@ -266,7 +275,8 @@ impl NodeConfig {
         let defaults = merge_limits(&Limits::default(), &file.limits, &invalid)?;
         let mut server = ServerLimits::default();
         if let Some(mb) = &file.limits.max_body_mb {
-            server.max_body_bytes = positive(mb, "limits.max_body_mb", &invalid)? * 1024 * 1024;
+            server.max_body_bytes =
+                mebibytes(mb, "limits.max_body_mb", 1, MAX_BODY_MB, &invalid)? as u64;
         }
 
         let mut names = HashSet::new();
@@ -279,9 +289,9 @@ impl NodeConfig {
                     format!("scripts.name: {name:?} is empty or used twice"),
                 ));
             }
-            if s.limits.max_body_mb.is_some() {
+            if let Some(mb) = &s.limits.max_body_mb {
                 return Err(invalid(
-                    s.name.span(),
+                    mb.span(),
                     "scripts.limits.max_body_mb: the body limit is node-wide; set it in [limits]"
                         .into(),
                 ));
@@ -297,7 +307,9 @@ impl NodeConfig {
                 name,
                 entry,
                 vars: s.vars.clone(),
-                limits: merge_limits(&defaults, &s.limits, &invalid)?,
+                limits: merge_limits(&defaults, &s.limits, &|span, msg: String| {
+                    invalid(span, format!("scripts.{msg}"))
+                })?,
             });
         }
 
@@ -308,8 +320,30 @@ impl NodeConfig {
                 Some(i) => (&raw[..i], &raw[i..]),
                 None => (raw.as_str(), "/"),
             };
+            if host.contains(':') || host.ends_with('.') || !host.is_ascii() {
+                return Err(invalid(
+                    r.pattern.span(),
+                    format!(
+                        "routes.pattern: {raw:?}: give the host without port or trailing dot, \
+                         in ASCII (punycode for international names)"
+                    ),
+                ));
+            }
             let host = HostPattern::parse(host)
                 .map_err(|e| invalid(r.pattern.span(), format!("routes.pattern: {e}")))?;
+            let prefix_norm = {
+                let t = prefix.trim_end_matches('/');
+                if t.is_empty() { "/" } else { t }
+            };
+            if routes.iter().any(|x: &RouteConfig| {
+                x.host == host
+                    && x.path_prefix.trim_end_matches('/') == prefix_norm.trim_end_matches('/')
+            }) {
+                return Err(invalid(
+                    r.pattern.span(),
+                    format!("routes.pattern: {raw:?} is routed twice"),
+                ));
+            }
             if !names.contains(r.script.get_ref()) {
                 return Err(invalid(
                     r.script.span(),
@@ -330,6 +364,7 @@ impl NodeConfig {
             threads: file.node.threads,
             pool_per_thread: file.node.pool_per_thread,
             server,
+            default_limits: defaults,
             scripts,
             routes,
         })
@@ -347,6 +382,36 @@ fn positive<E>(
     Ok(*v.get_ref())
 }
 
+/// Smallest heap an isolate can boot the runtime's snapshot into.
+const MIN_HEAP_MB: u64 = 16;
+/// Largest heap one isolate may ask for.
+const MAX_HEAP_MB: u64 = 4096;
+/// Largest request body limit.
+const MAX_BODY_MB: u64 = 16 * 1024;
+
+/// `v` MiB in bytes, if `min <= v <= max`.
+fn mebibytes<E>(
+    v: &Spanned<u64>,
+    key: &str,
+    min: u64,
+    max: u64,
+    invalid: &impl Fn(std::ops::Range<usize>, String) -> E,
+) -> Result<usize, E> {
+    let mb = *v.get_ref();
+    if !(min..=max).contains(&mb) {
+        return Err(invalid(
+            v.span(),
+            format!("{key}: {mb} is out of range; use {min} to {max} (MiB)"),
+        ));
+    }
+    usize::try_from(mb * 1024 * 1024).map_err(|_| {
+        invalid(
+            v.span(),
+            format!("{key}: {mb} MiB does not fit this machine"),
+        )
+    })
+}
+
 fn merge_limits<E>(
     base: &Limits,
     section: &LimitsSection,
@@ -360,8 +425,7 @@ fn merge_limits<E>(
         l.wall_per_request = Duration::from_millis(positive(v, "limits.wall_ms", invalid)?);
     }
     if let Some(v) = &section.heap_mb {
-        let mb = positive(v, "limits.heap_mb", invalid)?;
-        l.heap_bytes = usize::try_from(mb * 1024 * 1024).unwrap_or(usize::MAX);
+        l.heap_bytes = mebibytes(v, "limits.heap_mb", MIN_HEAP_MB, MAX_HEAP_MB, invalid)?;
     }
     Ok(l)
 }

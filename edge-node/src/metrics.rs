@@ -154,26 +154,30 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE atoll_isolates gauge");
         let _ = writeln!(out, "atoll_isolates{{state=\"live\"}} {live}");
         let _ = writeln!(out, "atoll_isolates{{state=\"pooled\"}} {pooled}");
+        let live_isolates: Vec<_> = workers.iter().flat_map(|w| w.isolates.iter()).collect();
         let _ = writeln!(
             out,
             "# HELP atoll_isolate_cpu_seconds CPU time used by live isolates, by tenant."
         );
         let _ = writeln!(out, "# TYPE atoll_isolate_cpu_seconds gauge");
+        for i in &live_isolates {
+            let _ = writeln!(
+                out,
+                "atoll_isolate_cpu_seconds{{tenant=\"{}\"}} {}",
+                escape(&i.tenant),
+                i.cpu_total.as_secs_f64()
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP atoll_isolate_heap_bytes V8 heap in use by live isolates, by tenant."
         );
         let _ = writeln!(out, "# TYPE atoll_isolate_heap_bytes gauge");
-        for i in workers.iter().flat_map(|w| w.isolates.iter()) {
-            let t = escape(&i.tenant);
+        for i in &live_isolates {
             let _ = writeln!(
                 out,
-                "atoll_isolate_cpu_seconds{{tenant=\"{t}\"}} {}",
-                i.cpu_total.as_secs_f64()
-            );
-            let _ = writeln!(
-                out,
-                "atoll_isolate_heap_bytes{{tenant=\"{t}\"}} {}",
+                "atoll_isolate_heap_bytes{{tenant=\"{}\"}} {}",
+                escape(&i.tenant),
                 i.heap_used
             );
         }

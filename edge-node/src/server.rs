@@ -111,7 +111,10 @@ impl EdgeNode {
         builder
             .http2()
             .timer(hyper_util::rt::TokioTimer::new())
-            .max_header_list_size(self.limits.max_header_bytes as u32);
+            .max_header_list_size(u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX))
+            // Idle or dead HTTP/2 peers are detected and dropped.
+            .keep_alive_interval(std::time::Duration::from_secs(30))
+            .keep_alive_timeout(std::time::Duration::from_secs(10));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
@@ -129,9 +132,10 @@ impl EdgeNode {
             };
             let _ = stream.set_nodelay(true);
             let node = self.clone();
+            let scheme = if tls.is_some() { "https" } else { "http" };
             let service = service_fn(move |req| {
                 let node = node.clone();
-                async move { Ok::<_, Infallible>(node.handle(req, peer).await) }
+                async move { Ok::<_, Infallible>(node.handle(req, peer, scheme).await) }
             });
             let watcher = graceful.watcher();
             let builder = builder.clone();
@@ -140,6 +144,14 @@ impl EdgeNode {
             tokio::spawn(async move {
                 let result = match tls {
                     None => {
+                        // hyper's header timeout starts only once it knows
+                        // the protocol: bound the wait for the first byte.
+                        let mut first = [0u8; 1];
+                        match tokio::time::timeout(handshake_timeout, stream.peek(&mut first)).await
+                        {
+                            Ok(Ok(n)) if n > 0 => {}
+                            _ => return,
+                        }
                         let conn = builder.serve_connection(TokioIo::new(stream), service);
                         watcher.watch(conn.into_owned()).await
                     }
@@ -180,7 +192,12 @@ impl EdgeNode {
     }
 
     /// Handles one request end to end.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        scheme: &'static str,
+    ) -> Response<ResponseBody> {
         let started = Instant::now();
         let request_id = new_request_id();
         let (parts, body) = req.into_parts();
@@ -198,6 +215,15 @@ impl EdgeNode {
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into());
         let method = parts.method.clone();
+        // The host becomes part of the URL the handler parses and selects
+        // the route: it must be a plain authority.
+        if host.parse::<http::uri::Authority>().is_err() || host.contains('@') {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                &request_id,
+                "the Host header is not a valid host name\n".to_string(),
+            );
+        }
 
         let routes = self.routes.load();
         let Some(deployment) = routes.lookup(&host, &path).cloned() else {
@@ -248,7 +274,7 @@ impl EdgeNode {
             let request = HttpRequest {
                 request_id: request_id.clone(),
                 method: method.to_string(),
-                url: format!("http://{host}{path}"),
+                url: format!("{scheme}://{host}{path}"),
                 headers,
                 body: request_body(body, self.limits.max_body_bytes),
             };

@@ -104,7 +104,17 @@ fn load(
                 why: "contains no private key".into(),
             })?;
     let signing = provider.key_provider.load_private_key(key)?;
-    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+    let certified = CertifiedKey::new(chain, signing);
+    // A key that does not belong to the certificate would fail every
+    // handshake while the node looks healthy: refuse it at start.
+    certified.keys_match().map_err(|e| TlsError::Pem {
+        path: spec.key.clone(),
+        why: format!(
+            "does not match the certificate {}: {e}",
+            spec.cert.display()
+        ),
+    })?;
+    Ok(Arc::new(certified))
 }
 
 /// A TLS acceptor serving `certs` by SNI, offering h2 and http/1.1.

@@ -63,6 +63,18 @@ async fn oversized_heads_and_bodies_are_refused() {
     let text = resp.text().await.expect("text");
     assert!(text.contains("larger than the limit"), "{text}");
 
+    // A Host that is not a plain authority never reaches routing.
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x/admin#.example.com\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
     // Within the limit all is well.
     let resp = c
         .post(dev.url("/"))

@@ -371,3 +371,27 @@ async fn https_without_certificates_generates_a_development_one() {
         .expect("text");
     assert_eq!(text, "dev tls");
 }
+
+#[test]
+fn a_key_that_does_not_match_its_certificate_stops_the_node() {
+    let (_, cert_a, _) = ca_and_leaf("a.example.test");
+    let (_, _, key_b) = ca_and_leaf("b.example.test");
+    let out = run_to_exit(
+        &[
+            (
+                "node.toml",
+                "[[listen]]\naddr = \"127.0.0.1:0\"\ntls = true\n\n[admin]\naddr = \"127.0.0.1:0\"\n\n[[certificates]]\nhosts = [\"a.example.test\"]\ncert = \"a.pem\"\nkey = \"wrong-key.pem\"\n",
+            ),
+            ("a.pem", &cert_a),
+            ("wrong-key.pem", &key_b),
+        ],
+        &["node", "--config", "node.toml"],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("wrong-key.pem") && stderr.contains("does not match"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+}

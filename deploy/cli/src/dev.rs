@@ -100,7 +100,7 @@ fn parse_entries(args: &DevArgs) -> anyhow::Result<Vec<Entry>> {
     let mut seen_fallback = false;
     for raw in &args.entries {
         let (route, path) = match raw.split_once('=') {
-            Some((r, p)) if !r.is_empty() => (Some(r.to_ascii_lowercase()), PathBuf::from(p)),
+            Some((r, p)) if !r.is_empty() => (Some(r.to_string()), PathBuf::from(p)),
             _ => (None, PathBuf::from(raw)),
         };
         if route.is_none() {
@@ -112,6 +112,8 @@ fn parse_entries(args: &DevArgs) -> anyhow::Result<Vec<Entry>> {
         let (host, path_prefix) = match &route {
             None => (HostPattern::Any, "/".to_string()),
             Some(r) => {
+                // Host names are case-insensitive (HostPattern lowercases);
+                // paths are not.
                 let (h, p) = match r.find('/') {
                     Some(i) => (&r[..i], r[i..].to_string()),
                     None => (r.as_str(), "/".to_string()),
@@ -176,7 +178,11 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         limits: Limits {
             cpu_per_request: Duration::from_millis(args.cpu_ms),
             wall_per_request: Duration::from_millis(args.wall_ms),
-            heap_bytes: args.heap_mb * 1024 * 1024,
+            heap_bytes: args
+                .heap_mb
+                .checked_mul(1024 * 1024)
+                .filter(|_| args.heap_mb >= 16)
+                .context("--heap-mb must be at least 16 and fit in memory")?,
             ..Limits::default()
         },
     };
@@ -200,7 +206,10 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             runtime,
             routes,
             ServerLimits {
-                max_body_bytes: args.max_body_mb * 1024 * 1024,
+                max_body_bytes: args
+                    .max_body_mb
+                    .checked_mul(1024 * 1024)
+                    .context("--max-body-mb is too large")?,
                 ..ServerLimits::default()
             },
         );
@@ -231,6 +240,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
 
 /// Watches the module graphs' files; rebuilds and swaps routes on change.
 fn spawn_watcher(node: Arc<EdgeNode>, setup: Setup, files: Vec<PathBuf>) -> anyhow::Result<()> {
+    let setup = Arc::new(setup);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(ev) = ev {
@@ -251,7 +261,16 @@ fn spawn_watcher(node: Arc<EdgeNode>, setup: Setup, files: Vec<PathBuf>) -> anyh
             // Editors write in bursts: wait for quiet, then rebuild once.
             tokio::time::sleep(Duration::from_millis(100)).await;
             while rx.try_recv().is_ok() {}
-            match setup.build() {
+            // Bundling is CPU work: keep it off the request-serving threads.
+            let s = setup.clone();
+            let built = match tokio::task::spawn_blocking(move || s.build()).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("the rebuild task failed: {e}");
+                    continue;
+                }
+            };
+            match built {
                 Ok((routes, files)) => {
                     let count = files.len();
                     graph = files.into_iter().collect();

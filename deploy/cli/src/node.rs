@@ -118,7 +118,12 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         let admin = TcpListener::bind(config.admin)
             .await
             .with_context(|| format!("admin listener on {} (set [admin] addr)", config.admin))?;
-        let mut runtime_config = RuntimeConfig::default();
+        let mut runtime_config = RuntimeConfig {
+            // Pooled isolates must have the heap most scripts use, or the
+            // pool is never used.
+            default_heap_bytes: config.default_limits.heap_bytes,
+            ..RuntimeConfig::default()
+        };
         if let Some(t) = config.threads {
             runtime_config.threads = t;
         }
