@@ -12,7 +12,7 @@ use atoll_runtime::Limits;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::routes::HostPattern;
+use crate::routes::{HostPattern, parse_route};
 use crate::server::ServerLimits;
 use crate::tls::CertSpec;
 
@@ -234,6 +234,10 @@ impl NodeConfig {
                     "certificates.hosts: name at least one host (or *.suffix)".into(),
                 ));
             }
+            for host in c.hosts.get_ref() {
+                HostPattern::parse(host)
+                    .map_err(|e| invalid(c.hosts.span(), format!("certificates.hosts: {e}")))?;
+            }
             for (key, value) in [("certificates.cert", &c.cert), ("certificates.key", &c.key)] {
                 if !base.join(value.get_ref()).is_file() {
                     return Err(invalid(
@@ -316,29 +320,12 @@ impl NodeConfig {
         let mut routes = Vec::new();
         for r in &file.routes {
             let raw = r.pattern.get_ref();
-            let (host, prefix) = match raw.find('/') {
-                Some(i) => (&raw[..i], &raw[i..]),
-                None => (raw.as_str(), "/"),
-            };
-            if host.contains(':') || host.ends_with('.') || !host.is_ascii() {
-                return Err(invalid(
-                    r.pattern.span(),
-                    format!(
-                        "routes.pattern: {raw:?}: give the host without port or trailing dot, \
-                         in ASCII (punycode for international names)"
-                    ),
-                ));
-            }
-            let host = HostPattern::parse(host)
+            let (host, prefix) = parse_route(raw)
                 .map_err(|e| invalid(r.pattern.span(), format!("routes.pattern: {e}")))?;
-            let prefix_norm = {
-                let t = prefix.trim_end_matches('/');
-                if t.is_empty() { "/" } else { t }
-            };
-            if routes.iter().any(|x: &RouteConfig| {
-                x.host == host
-                    && x.path_prefix.trim_end_matches('/') == prefix_norm.trim_end_matches('/')
-            }) {
+            if routes
+                .iter()
+                .any(|x: &RouteConfig| x.host == host && x.path_prefix == prefix)
+            {
                 return Err(invalid(
                     r.pattern.span(),
                     format!("routes.pattern: {raw:?} is routed twice"),
@@ -352,7 +339,7 @@ impl NodeConfig {
             }
             routes.push(RouteConfig {
                 host,
-                path_prefix: prefix.to_string(),
+                path_prefix: prefix,
                 script: r.script.get_ref().clone(),
             });
         }

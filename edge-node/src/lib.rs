@@ -16,6 +16,6 @@ mod tls;
 pub use admin::serve_admin;
 pub use config::{ConfigError, ListenConfig, NodeConfig, RouteConfig, ScriptConfig};
 pub use metrics::Metrics;
-pub use routes::{HostPattern, RouteError, Routes};
+pub use routes::{HostPattern, RouteError, Routes, parse_route};
 pub use server::{EdgeNode, ServerLimits};
 pub use tls::{CertSpec, TlsError, acceptor as tls_acceptor, self_signed};

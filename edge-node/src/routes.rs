@@ -29,18 +29,25 @@ impl HostPattern {
             return Ok(HostPattern::Any);
         }
         if let Some(suffix) = p.strip_prefix("*.") {
-            if suffix.is_empty() || suffix.contains('*') {
+            if suffix.is_empty()
+                || suffix.contains(['*', '/', ':'])
+                || suffix.ends_with('.')
+                || !suffix.is_ascii()
+            {
                 return Err(RouteError::BadHost(pattern.to_string()));
             }
             return Ok(HostPattern::Wildcard(suffix.to_string()));
         }
-        if p.is_empty() || p.contains('*') || p.contains('/') {
+        // A port, a trailing dot or a non-ASCII name could never match:
+        // lookups strip ports and trailing dots, and hosts arrive as punycode.
+        if p.is_empty() || p.contains(['*', '/', ':']) || p.ends_with('.') || !p.is_ascii() {
             return Err(RouteError::BadHost(pattern.to_string()));
         }
         Ok(HostPattern::Exact(p))
     }
 
-    fn matches(&self, host: &str) -> bool {
+    /// Whether `host` (lowercase, no port) matches.
+    pub(crate) fn matches(&self, host: &str) -> bool {
         match self {
             HostPattern::Exact(h) => h == host,
             HostPattern::Wildcard(suffix) => host
@@ -51,7 +58,7 @@ impl HostPattern {
     }
 
     /// Higher is more specific.
-    fn rank(&self) -> (u8, usize) {
+    pub(crate) fn rank(&self) -> (u8, usize) {
         match self {
             HostPattern::Exact(_) => (2, 0),
             HostPattern::Wildcard(suffix) => (1, suffix.len()),
@@ -64,11 +71,30 @@ impl HostPattern {
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
     /// The host pattern is not `name`, `*.suffix` or `*`.
-    #[error("invalid host pattern {0:?}: use a name, *.suffix or *")]
+    #[error(
+        "invalid host pattern {0:?}: use a name, *.suffix or * (ASCII, without port or trailing dot)"
+    )]
     BadHost(String),
     /// The path prefix does not start with `/`.
     #[error("invalid path prefix {0:?}: it must start with /")]
     BadPath(String),
+}
+
+/// Parses a route as written in configs and on the command line:
+/// `host`, `*.suffix` or `*`, optionally followed by a path prefix
+/// (`api.example.com/v2`). Returns the host pattern and the normalized prefix.
+pub fn parse_route(raw: &str) -> Result<(HostPattern, String), RouteError> {
+    let (host, prefix) = match raw.find('/') {
+        Some(i) => (&raw[..i], &raw[i..]),
+        None => (raw, "/"),
+    };
+    Ok((HostPattern::parse(host)?, normalize_prefix(prefix)))
+}
+
+/// `/api/` → `/api`; `` or `/` → `/`.
+fn normalize_prefix(prefix: &str) -> String {
+    let trimmed = prefix.trim_end_matches('/');
+    if trimmed.is_empty() { "/" } else { trimmed }.to_string()
 }
 
 #[derive(Clone)]
@@ -102,8 +128,7 @@ impl Routes {
         if !path_prefix.starts_with('/') {
             return Err(RouteError::BadPath(path_prefix.to_string()));
         }
-        let trimmed = path_prefix.trim_end_matches('/');
-        let path_prefix = if trimmed.is_empty() { "/" } else { trimmed }.to_string();
+        let path_prefix = normalize_prefix(path_prefix);
         self.routes
             .retain(|r| !(r.host == host && r.path_prefix == path_prefix));
         self.routes.push(Route {
@@ -112,18 +137,6 @@ impl Routes {
             deployment,
         });
         Ok(())
-    }
-
-    /// Serves `host` (exact, case-insensitive, without port) from `deployment`.
-    pub fn insert_host(&mut self, host: &str, deployment: Arc<Deployment>) {
-        let pattern = HostPattern::Exact(strip_port(host).to_ascii_lowercase());
-        // A "/" prefix is always valid.
-        let _ = self.add(pattern, "/", deployment);
-    }
-
-    /// Serves every host that has no route of its own from `deployment`.
-    pub fn set_fallback(&mut self, deployment: Arc<Deployment>) {
-        let _ = self.add(HostPattern::Any, "/", deployment);
     }
 
     /// The deployment for a request to `host` (which may carry a port) and `path`.
@@ -281,6 +294,13 @@ mod tests {
         assert!(HostPattern::parse("*.").is_err());
         assert!(HostPattern::parse("a.*.com").is_err());
         assert!(HostPattern::parse("").is_err());
+        assert!(HostPattern::parse("a.test:8080").is_err());
+        assert!(HostPattern::parse("a.test.").is_err());
+        assert!(HostPattern::parse("*.bücher.test").is_err());
+        assert_eq!(
+            parse_route("API.test/v2/").expect("route"),
+            (HostPattern::Exact("api.test".into()), "/v2".to_string())
+        );
         assert!(r.add(HostPattern::Any, "nope", dep("x")).is_err());
     }
 }

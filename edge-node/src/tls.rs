@@ -9,6 +9,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+use crate::routes::HostPattern;
+
 /// A certificate and the host names (exact or `*.suffix`) it serves.
 #[derive(Debug, Clone)]
 pub struct CertSpec {
@@ -44,7 +46,7 @@ pub enum TlsError {
 #[derive(Debug)]
 struct SniResolver {
     exact: HashMap<String, Arc<CertifiedKey>>,
-    wildcard: Vec<(String, Arc<CertifiedKey>)>,
+    wildcard: Vec<(HostPattern, Arc<CertifiedKey>)>,
     default: Option<Arc<CertifiedKey>>,
 }
 
@@ -59,11 +61,8 @@ impl ResolvesServerCert for SniResolver {
         }
         self.wildcard
             .iter()
-            .filter(|(suffix, _)| {
-                name.strip_suffix(suffix.as_str())
-                    .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
-            })
-            .max_by_key(|(suffix, _)| suffix.len())
+            .filter(|(pattern, _)| pattern.matches(&name))
+            .max_by_key(|(pattern, _)| pattern.rank())
             .map(|(_, k)| k.clone())
             .or_else(|| self.default.clone())
     }
@@ -131,12 +130,16 @@ pub fn acceptor(certs: &[CertSpec]) -> Result<tokio_rustls::TlsAcceptor, TlsErro
             resolver.default = Some(key.clone());
         }
         for host in &spec.hosts {
-            let host = host.to_ascii_lowercase();
-            match host.strip_prefix("*.") {
-                Some(suffix) => resolver.wildcard.push((suffix.to_string(), key.clone())),
-                None => {
-                    resolver.exact.insert(host, key.clone());
+            match HostPattern::parse(host) {
+                Ok(HostPattern::Exact(name)) => {
+                    resolver.exact.insert(name, key.clone());
                 }
+                Ok(pattern @ HostPattern::Wildcard(_)) => {
+                    resolver.wildcard.push((pattern, key.clone()))
+                }
+                // `*` or an unusable name: the first certificate is the
+                // default for every name anyway.
+                Ok(HostPattern::Any) | Err(_) => {}
             }
         }
     }

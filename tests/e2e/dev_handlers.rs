@@ -1,7 +1,7 @@
 //! Handler contract: module and service-worker forms, JS and TS, Web APIs,
 //! errors.
 
-use crate::harness::{Dev, client};
+use crate::harness::{Dev, client, get_text};
 
 #[tokio::test]
 async fn js_module_worker_sees_request_env_and_ctx() {
@@ -59,14 +59,7 @@ async fn js_module_worker_sees_request_env_and_ctx() {
     // waitUntil work outlives the response and runs to completion.
     let mut waited = String::new();
     for _ in 0..100 {
-        waited = c
-            .get(dev.url("/waited"))
-            .send()
-            .await
-            .expect("request")
-            .text()
-            .await
-            .expect("text");
+        waited = get_text(&c, &dev.url("/waited"), None).await;
         if waited == "1" {
             break;
         }

@@ -1,6 +1,6 @@
 //! Tenants share a process, never a JS heap.
 
-use crate::harness::{Dev, client};
+use crate::harness::{Dev, client, get_text};
 
 #[tokio::test]
 async fn tenants_cannot_see_each_others_globals() {
@@ -97,15 +97,7 @@ async fn the_most_specific_route_wins() {
         ("example.test", "/", "any /"),
         ("elsewhere.test", "/a", "any /a"),
     ] {
-        let text = c
-            .get(dev.url(path))
-            .header("host", host)
-            .send()
-            .await
-            .expect("request")
-            .text()
-            .await
-            .expect("text");
+        let text = get_text(&c, &dev.url(path), Some(host)).await;
         assert_eq!(text, expected, "{host}{path}");
     }
 }

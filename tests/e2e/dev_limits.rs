@@ -1,7 +1,7 @@
 //! Limits are enforced: the offender gets a clear 5xx, the node keeps
 //! serving, and the tenant's next request runs in a fresh isolate.
 
-use crate::harness::{Dev, client};
+use crate::harness::{Dev, client, get_text};
 
 const HANDLER: &str = r#"
 let served = 0;
@@ -35,16 +35,7 @@ export default {
 async fn infinite_loop_is_terminated_and_the_next_request_works() {
     let dev = Dev::start(&[("limits.js", HANDLER)], &["limits.js", "--cpu-ms", "50"]);
     let c = client();
-    assert_eq!(
-        c.get(dev.url("/"))
-            .send()
-            .await
-            .expect("req")
-            .text()
-            .await
-            .expect("text"),
-        "served=1"
-    );
+    assert_eq!(get_text(&c, &dev.url("/"), None).await, "served=1");
     let resp = c.get(dev.url("/loop")).send().await.expect("request");
     assert_eq!(resp.status(), 503);
     assert!(resp.text().await.expect("text").contains("CPU time limit"));
@@ -112,14 +103,7 @@ async fn wall_clock_limit_answers_504_and_other_requests_continue() {
     let hung = hung.expect("request");
     assert_eq!(hung.status(), 504);
     // Same isolate keeps serving (no restart for a wall-clock overrun).
-    let text = c
-        .get(dev.url("/"))
-        .send()
-        .await
-        .expect("request")
-        .text()
-        .await
-        .expect("text");
+    let text = get_text(&c, &dev.url("/"), None).await;
     assert_eq!(text, "served=3");
 }
 

@@ -2,17 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{Dev, client};
+use crate::harness::{Dev, client, get_text};
 
 async fn body(dev: &Dev) -> String {
-    client()
-        .get(dev.url("/"))
-        .send()
-        .await
-        .expect("request")
-        .text()
-        .await
-        .expect("text")
+    get_text(&client(), &dev.url("/"), None).await
 }
 
 #[tokio::test]

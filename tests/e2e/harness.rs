@@ -186,6 +186,20 @@ pub fn run_to_exit(files: Files<'_>, args: &[&str]) -> std::process::Output {
         .expect("run atoll")
 }
 
+/// GETs `url` (with `host` as the Host header, if given) and returns the body.
+pub async fn get_text(c: &reqwest::Client, url: &str, host: Option<&str>) -> String {
+    let mut req = c.get(url);
+    if let Some(h) = host {
+        req = req.header("host", h);
+    }
+    req.send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("text")
+}
+
 /// An HTTP client for loopback tests.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use atoll_edge_node::{EdgeNode, HostPattern, Routes, ServerLimits};
+use atoll_edge_node::{EdgeNode, HostPattern, Routes, ServerLimits, parse_route};
 use atoll_runtime::{Deployment, Limits, Runtime, RuntimeConfig};
 use notify::{RecursiveMode, Watcher};
 use tokio::net::TcpListener;
@@ -111,16 +111,7 @@ fn parse_entries(args: &DevArgs) -> anyhow::Result<Vec<Entry>> {
         }
         let (host, path_prefix) = match &route {
             None => (HostPattern::Any, "/".to_string()),
-            Some(r) => {
-                // Host names are case-insensitive (HostPattern lowercases);
-                // paths are not.
-                let (h, p) = match r.find('/') {
-                    Some(i) => (&r[..i], r[i..].to_string()),
-                    None => (r.as_str(), "/".to_string()),
-                };
-                let host = HostPattern::parse(h).with_context(|| format!("route {r:?}"))?;
-                (host, p)
-            }
+            Some(r) => parse_route(r).with_context(|| format!("route {r:?}"))?,
         };
         let abs = if path.is_absolute() {
             path.clone()
@@ -188,12 +179,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     let (routes, files) = setup.build()?;
 
-    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    tokio_rt.block_on(async move {
+    crate::server_runtime()?.block_on(async move {
         let mut config = RuntimeConfig {
             default_heap_bytes: setup.limits.heap_bytes,
             ..RuntimeConfig::default()

@@ -25,6 +25,17 @@ enum Command {
     Node(node::NodeArgs),
 }
 
+/// The async runtime of the serving commands: HTTP connections only (the
+/// isolates run on the runtime's own worker threads), so two threads suffice.
+fn server_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context as _;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 /// Runs the CLI with the process arguments.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -80,12 +80,7 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         routes.add(r.host.clone(), &r.path_prefix, deployment.clone())?;
     }
 
-    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    tokio_rt.block_on(async move {
+    crate::server_runtime()?.block_on(async move {
         let tls = if config.listen.iter().any(|l| l.tls) {
             let mut certs = config.certificates.clone();
             if certs.is_empty() {
