@@ -80,7 +80,9 @@ async fn answer(node: &EdgeNode, req: Request<Incoming>) -> Response<ResponseBod
                         "tenant": i.tenant,
                         "version": i.version,
                         "heap_used_bytes": i.heap_used,
+                        "memory_bytes": i.memory,
                         "in_flight": i.in_flight,
+                        "queued": i.queued,
                         "cpu_ms": i.cpu_total.as_secs_f64() * 1e3,
                         "idle_seconds": i.last_used.map(|t| t.elapsed().as_secs_f64()),
                     })

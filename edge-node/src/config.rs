@@ -49,6 +49,7 @@ pub enum ConfigError {
 struct NodeSection {
     threads: Option<usize>,
     pool_per_thread: Option<usize>,
+    isolate_memory_mb: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +81,8 @@ struct LimitsSection {
     cpu_ms: Option<Spanned<u64>>,
     wall_ms: Option<Spanned<u64>>,
     heap_mb: Option<Spanned<u64>>,
+    max_concurrent: Option<Spanned<u64>>,
+    max_queued: Option<Spanned<u64>>,
     max_body_mb: Option<Spanned<u64>>,
 }
 
@@ -165,6 +168,8 @@ pub struct NodeConfig {
     pub threads: Option<usize>,
     /// Pre-booted isolates per worker thread.
     pub pool_per_thread: Option<usize>,
+    /// Memory all tenant isolates may hold before idle ones are evicted.
+    pub isolate_memory_bytes: Option<usize>,
     /// Server-side request limits.
     pub server: ServerLimits,
     /// Limits of scripts that set none of their own.
@@ -276,6 +281,20 @@ impl NodeConfig {
             })?,
         };
 
+        let isolate_memory_bytes = file
+            .node
+            .isolate_memory_mb
+            .as_ref()
+            .map(|v| {
+                mebibytes(
+                    v,
+                    "node.isolate_memory_mb",
+                    1,
+                    MAX_ISOLATE_MEMORY_MB,
+                    &invalid,
+                )
+            })
+            .transpose()?;
         let defaults = merge_limits(&Limits::default(), &file.limits, &invalid)?;
         let mut server = ServerLimits::default();
         if let Some(mb) = &file.limits.max_body_mb {
@@ -350,6 +369,7 @@ impl NodeConfig {
             admin,
             threads: file.node.threads,
             pool_per_thread: file.node.pool_per_thread,
+            isolate_memory_bytes,
             server,
             default_limits: defaults,
             scripts,
@@ -369,10 +389,31 @@ fn positive<E>(
     Ok(*v.get_ref())
 }
 
+/// `v` as a count, if `min <= v <= MAX_CONCURRENCY`.
+fn bounded<E>(
+    v: &Spanned<u64>,
+    key: &str,
+    min: u64,
+    invalid: &impl Fn(std::ops::Range<usize>, String) -> E,
+) -> Result<usize, E> {
+    let n = *v.get_ref();
+    if !(min..=MAX_CONCURRENCY).contains(&n) {
+        return Err(invalid(
+            v.span(),
+            format!("{key}: {n} is out of range; use {min} to {MAX_CONCURRENCY}"),
+        ));
+    }
+    Ok(n as usize)
+}
+
 /// Smallest heap an isolate can boot the runtime's snapshot into.
 const MIN_HEAP_MB: u64 = 16;
 /// Largest heap one isolate may ask for.
 const MAX_HEAP_MB: u64 = 4096;
+/// Largest isolate memory budget of a node.
+const MAX_ISOLATE_MEMORY_MB: u64 = 1024 * 1024;
+/// Largest concurrency or queue limit of one isolate.
+const MAX_CONCURRENCY: u64 = 100_000;
 /// Largest request body limit.
 const MAX_BODY_MB: u64 = 16 * 1024;
 
@@ -413,6 +454,12 @@ fn merge_limits<E>(
     }
     if let Some(v) = &section.heap_mb {
         l.heap_bytes = mebibytes(v, "limits.heap_mb", MIN_HEAP_MB, MAX_HEAP_MB, invalid)?;
+    }
+    if let Some(v) = &section.max_concurrent {
+        l.max_concurrent = bounded(v, "limits.max_concurrent", 1, invalid)?;
+    }
+    if let Some(v) = &section.max_queued {
+        l.max_queued = bounded(v, "limits.max_queued", 0, invalid)?;
     }
     Ok(l)
 }
@@ -462,6 +509,7 @@ mod tests {
             r#"
 [node]
 threads = 2
+isolate_memory_mb = 256
 
 [[listen]]
 addr = "127.0.0.1:8080"
@@ -469,12 +517,13 @@ addr = "127.0.0.1:8080"
 [limits]
 cpu_ms = 20
 max_body_mb = 5
+max_concurrent = 8
 
 [[scripts]]
 name = "api"
 entry = "atoll-config-test-entry.js"
 vars = { GREETING = "hi" }
-limits = { cpu_ms = 100, heap_mb = 64 }
+limits = { cpu_ms = 100, heap_mb = 64, max_queued = 0 }
 
 [[routes]]
 pattern = "*.example.com/api"
@@ -487,6 +536,8 @@ script = "api"
         let s = &c.scripts[0];
         assert_eq!(s.limits.cpu_per_request, Duration::from_millis(100));
         assert_eq!(s.limits.heap_bytes, 64 * 1024 * 1024);
+        assert_eq!((s.limits.max_concurrent, s.limits.max_queued), (8, 0));
+        assert_eq!(c.isolate_memory_bytes, Some(256 * 1024 * 1024));
         assert_eq!(s.vars["GREETING"], "hi");
         assert_eq!(
             c.routes[0].host,
@@ -525,6 +576,16 @@ script = "api"
                 "limits.heap_mb",
             ),
             ("[node]\nthreads = 1\n", 1, "at least one [[listen]]"),
+            (
+                "[node]\nisolate_memory_mb = 0\n[[listen]]\naddr = \"127.0.0.1:1\"\n",
+                2,
+                "node.isolate_memory_mb",
+            ),
+            (
+                "[[listen]]\naddr = \"127.0.0.1:1\"\n[limits]\nmax_concurrent = 0\n",
+                4,
+                "limits.max_concurrent",
+            ),
             (
                 "[[listen]]\naddr = \"127.0.0.1:1\"\n[[routes]]\npattern = \"a.*.b\"\nscript = \"x\"\n",
                 4,

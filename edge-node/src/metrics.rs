@@ -137,6 +137,8 @@ impl Metrics {
         let cold: u64 = workers.iter().map(|w| w.cold_starts).sum();
         let misses: u64 = workers.iter().map(|w| w.pool_misses).sum();
         let pooled: usize = workers.iter().map(|w| w.pooled).sum();
+        let evicted: u64 = workers.iter().map(|w| w.evictions).sum();
+        let budget: usize = workers.iter().map(|w| w.memory_budget).sum();
         let live: usize = workers.iter().map(|w| w.isolates.len()).sum();
         let _ = writeln!(
             out,
@@ -150,24 +152,33 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE atoll_pool_misses_total counter");
         let _ = writeln!(out, "atoll_pool_misses_total {misses}");
+        let _ = writeln!(
+            out,
+            "# HELP atoll_isolates_evicted_total Idle isolates evicted to stay under the memory budget."
+        );
+        let _ = writeln!(out, "# TYPE atoll_isolates_evicted_total counter");
+        let _ = writeln!(out, "atoll_isolates_evicted_total {evicted}");
         let _ = writeln!(out, "# HELP atoll_isolates Isolates by state.");
         let _ = writeln!(out, "# TYPE atoll_isolates gauge");
         let _ = writeln!(out, "atoll_isolates{{state=\"live\"}} {live}");
         let _ = writeln!(out, "atoll_isolates{{state=\"pooled\"}} {pooled}");
-        let live_isolates: Vec<_> = workers.iter().flat_map(|w| w.isolates.iter()).collect();
+        let mut cpu: BTreeMap<&str, f64> = BTreeMap::new();
+        for (tenant, used) in workers.iter().flat_map(|w| w.cpu_by_tenant.iter()) {
+            *cpu.entry(tenant).or_default() += used.as_secs_f64();
+        }
         let _ = writeln!(
             out,
-            "# HELP atoll_isolate_cpu_seconds CPU time used by live isolates, by tenant."
+            "# HELP atoll_cpu_seconds_total CPU time used by each tenant's isolates."
         );
-        let _ = writeln!(out, "# TYPE atoll_isolate_cpu_seconds gauge");
-        for i in &live_isolates {
+        let _ = writeln!(out, "# TYPE atoll_cpu_seconds_total counter");
+        for (tenant, secs) in &cpu {
             let _ = writeln!(
                 out,
-                "atoll_isolate_cpu_seconds{{tenant=\"{}\"}} {}",
-                escape(&i.tenant),
-                i.cpu_total.as_secs_f64()
+                "atoll_cpu_seconds_total{{tenant=\"{}\"}} {secs}",
+                escape(tenant)
             );
         }
+        let live_isolates: Vec<_> = workers.iter().flat_map(|w| w.isolates.iter()).collect();
         let _ = writeln!(
             out,
             "# HELP atoll_isolate_heap_bytes V8 heap in use by live isolates, by tenant."
@@ -181,6 +192,25 @@ impl Metrics {
                 i.heap_used
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP atoll_isolate_memory_bytes Memory held by live isolates (heap pages and ArrayBuffers), by tenant."
+        );
+        let _ = writeln!(out, "# TYPE atoll_isolate_memory_bytes gauge");
+        for i in &live_isolates {
+            let _ = writeln!(
+                out,
+                "atoll_isolate_memory_bytes{{tenant=\"{}\"}} {}",
+                escape(&i.tenant),
+                i.memory
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP atoll_isolate_memory_budget_bytes Memory live isolates may hold before idle ones are evicted."
+        );
+        let _ = writeln!(out, "# TYPE atoll_isolate_memory_budget_bytes gauge");
+        let _ = writeln!(out, "atoll_isolate_memory_budget_bytes {budget}");
         let _ = writeln!(
             out,
             "# HELP process_resident_memory_bytes Resident memory of the node."

@@ -151,6 +151,24 @@ impl Routes {
             .map(|r| &r.deployment)
     }
 
+    /// The deployments of the most specific host pattern matching `host`,
+    /// whatever the path: what a request to `host` will most likely need.
+    pub fn for_host(&self, host: &str) -> Vec<Arc<Deployment>> {
+        let host = strip_port(host).to_ascii_lowercase();
+        let host = host.trim_end_matches('.');
+        let matching = self.routes.iter().filter(|r| r.host.matches(host));
+        let Some(best) = matching.clone().map(|r| r.host.rank()).max() else {
+            return Vec::new();
+        };
+        let mut out: Vec<Arc<Deployment>> = Vec::new();
+        for r in matching.filter(|r| r.host.rank() == best) {
+            if !out.iter().any(|d| Arc::ptr_eq(d, &r.deployment)) {
+                out.push(r.deployment.clone());
+            }
+        }
+        out
+    }
+
     /// Every deployment routed to.
     pub fn deployments(&self) -> impl Iterator<Item = &Arc<Deployment>> {
         self.routes.iter().map(|r| &r.deployment)
@@ -278,6 +296,18 @@ mod tests {
         // `*.example.com` does not match the apex.
         assert_eq!(who(&r, "example.com", "/").as_deref(), Some("any"));
         assert_eq!(who(&r, "other.org", "/x").as_deref(), Some("any"));
+
+        // Warming by SNI picks the scripts of the most specific host, any path.
+        let warm = |host: &str| -> Vec<String> {
+            let mut t: Vec<_> = r.for_host(host).iter().map(|d| d.tenant.clone()).collect();
+            t.sort();
+            t
+        };
+        assert_eq!(warm("api.example.com"), ["api", "api-v2"]);
+        assert_eq!(warm("www.example.com"), ["static", "wild"]);
+        assert_eq!(warm("a.eu.example.com"), ["eu"]);
+        assert_eq!(warm("other.org"), ["any"]);
+        assert!(Routes::new().for_host("api.example.com").is_empty());
     }
 
     #[test]

@@ -90,6 +90,14 @@ impl EdgeNode {
         &self.runtime
     }
 
+    /// Starts the isolate of the script that serves `host`, ahead of its
+    /// first request.
+    pub fn warm_host(&self, host: &str) {
+        for deployment in self.routes.load().for_host(host) {
+            self.runtime.warm(deployment);
+        }
+    }
+
     /// Accepts connections on `listener` until `shutdown` resolves, then
     /// stops accepting, lets in-flight requests finish (idle keep-alive
     /// connections are closed at once) and returns when all connections are
@@ -140,6 +148,7 @@ impl EdgeNode {
             let watcher = graceful.watcher();
             let builder = builder.clone();
             let tls = tls.clone();
+            let warm_node = self.clone();
             let handshake_timeout = self.limits.header_read_timeout;
             tokio::spawn(async move {
                 let result = match tls {
@@ -156,10 +165,22 @@ impl EdgeNode {
                         watcher.watch(conn.into_owned()).await
                     }
                     Some(acceptor) => {
+                        let handshake = async {
+                            let start = tokio_rustls::LazyConfigAcceptor::new(
+                                rustls::server::Acceptor::default(),
+                                stream,
+                            )
+                            .await?;
+                            // The ClientHello names the host: boot its isolate
+                            // while the handshake and the request are still
+                            // on the wire.
+                            if let Some(name) = start.client_hello().server_name() {
+                                warm_node.warm_host(name);
+                            }
+                            start.into_stream(acceptor.config().clone()).await
+                        };
                         let tls_stream =
-                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
-                                .await
-                            {
+                            match tokio::time::timeout(handshake_timeout, handshake).await {
                                 Ok(Ok(s)) => s,
                                 Ok(Err(e)) => {
                                     tracing::debug!(%peer, "TLS handshake failed: {e}");
@@ -292,6 +313,7 @@ impl EdgeNode {
                         LimitKind::Cpu => "cpu",
                         LimitKind::Memory => "memory",
                         LimitKind::WallClock => "wall_clock",
+                        LimitKind::Concurrency => "concurrency",
                     },
                 );
             }
@@ -320,11 +342,16 @@ impl EdgeNode {
                             elapsed.as_secs_f64() * 1e3
                         ),
                     }
-                    plain(
+                    let mut resp = plain(
                         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                         &request_id,
                         format!("{} (request id {request_id})\n", e.public_message()),
-                    )
+                    );
+                    if matches!(e, DispatchError::Limit(LimitKind::Concurrency, _)) {
+                        resp.headers_mut()
+                            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    }
+                    resp
                 }
             }
         }

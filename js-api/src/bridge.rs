@@ -81,6 +81,8 @@ pub enum FailureKind {
     WallClockLimit,
     /// The isolate went away (shutdown, crash) before answering.
     Unavailable,
+    /// The isolate was at its concurrency limit with a full queue.
+    Overloaded,
 }
 
 /// A request that failed instead of producing a response.

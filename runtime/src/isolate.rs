@@ -139,10 +139,14 @@ impl Isolate {
             .map_err(|e| e.to_string())
     }
 
-    /// Bytes of V8 heap in use.
-    pub(crate) fn heap_used(&mut self) -> usize {
+    /// Bytes of V8 heap in use, and the memory the isolate holds (heap
+    /// pages plus ArrayBuffers).
+    pub(crate) fn memory(&mut self) -> (usize, usize) {
         let stats = self.js.v8_isolate().get_heap_statistics();
-        stats.used_heap_size()
+        (
+            stats.used_heap_size(),
+            stats.total_physical_size() + stats.external_memory(),
+        )
     }
 }
 

@@ -57,6 +57,9 @@ pub struct RuntimeConfig {
     pub pool_per_thread: usize,
     /// Heap limit of pooled isolates (tenants with another limit boot their own).
     pub default_heap_bytes: usize,
+    /// Memory all tenant isolates together may hold; past it, idle isolates
+    /// are evicted least recently used first. Split evenly between threads.
+    pub memory_budget_bytes: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -67,6 +70,7 @@ impl Default for RuntimeConfig {
                 .unwrap_or(1),
             pool_per_thread: 4,
             default_heap_bytes: Limits::default().heap_bytes,
+            memory_budget_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -106,6 +110,9 @@ impl DispatchError {
             DispatchError::Limit(LimitKind::Cpu, _) => "the worker exceeded its CPU time limit",
             DispatchError::Limit(LimitKind::Memory, _) => "the worker exceeded its memory limit",
             DispatchError::Limit(LimitKind::WallClock, _) => "the worker did not respond in time",
+            DispatchError::Limit(LimitKind::Concurrency, _) => {
+                "the worker is busy with too many requests; retry later"
+            }
             DispatchError::Unavailable(_) => "the worker is unavailable",
         }
     }
@@ -130,8 +137,11 @@ impl Runtime {
         for i in 0..threads {
             workers.push(worker::spawn(
                 i,
-                config.pool_per_thread,
-                config.default_heap_bytes,
+                worker::WorkerConfig {
+                    pool_target: config.pool_per_thread,
+                    default_heap: config.default_heap_bytes,
+                    memory_budget: config.memory_budget_bytes / threads,
+                },
                 watchdog.clone(),
             )?);
         }
@@ -185,7 +195,16 @@ impl Runtime {
             FailureKind::MemoryLimit => DispatchError::Limit(LimitKind::Memory, e.detail),
             FailureKind::WallClockLimit => DispatchError::Limit(LimitKind::WallClock, e.detail),
             FailureKind::Unavailable => DispatchError::Unavailable(e.detail),
+            FailureKind::Overloaded => DispatchError::Limit(LimitKind::Concurrency, e.detail),
         })
+    }
+
+    /// Starts `deployment`'s isolate ahead of its first request (a no-op if
+    /// it is running), e.g. when a TLS ClientHello names its host.
+    pub fn warm(&self, deployment: Arc<Deployment>) {
+        let _ = self
+            .worker_for(&deployment.tenant)
+            .send(WorkerMsg::Warm { deployment });
     }
 
     /// Stops `tenant`'s isolate once its in-flight requests finish.

@@ -23,6 +23,11 @@ pub struct Limits {
     pub wall_per_request: Duration,
     /// V8 heap limit of the tenant's isolate.
     pub heap_bytes: usize,
+    /// Requests one isolate runs at once (including responses still
+    /// streaming and `waitUntil` work); more wait in a queue.
+    pub max_concurrent: usize,
+    /// Requests that may wait for a free slot; beyond that they get 503.
+    pub max_queued: usize,
 }
 
 impl Default for Limits {
@@ -33,6 +38,8 @@ impl Default for Limits {
             cpu_startup: Duration::from_millis(400),
             wall_per_request: Duration::from_secs(30),
             heap_bytes: 128 * 1024 * 1024,
+            max_concurrent: 128,
+            max_queued: 256,
         }
     }
 }
@@ -46,6 +53,8 @@ pub enum LimitKind {
     Memory,
     /// Wall-clock time per request.
     WallClock,
+    /// The isolate's concurrency limit and queue were both full.
+    Concurrency,
 }
 
 impl std::fmt::Display for LimitKind {
@@ -54,6 +63,7 @@ impl std::fmt::Display for LimitKind {
             LimitKind::Cpu => "CPU time limit",
             LimitKind::Memory => "memory limit",
             LimitKind::WallClock => "wall-clock time limit",
+            LimitKind::Concurrency => "concurrency limit",
         })
     }
 }

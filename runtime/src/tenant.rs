@@ -6,13 +6,13 @@
 //! overrun the wall clock, and on any termination fails what is left and
 //! drops the isolate. The tenant's next request starts a fresh one.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Poll;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use atoll_js_api::{FailureKind, HandlerError, HostBridge, IncomingRequest};
@@ -40,9 +40,20 @@ struct InFlight {
     done: oneshot::Receiver<()>,
 }
 
+/// A request waiting for one of the isolate's concurrency slots.
+struct Queued {
+    incoming: IncomingRequest,
+    deadline: Instant,
+    done: oneshot::Receiver<()>,
+}
+
 #[derive(Default)]
 struct SlotState {
     in_flight: HashMap<u32, InFlight>,
+    /// Requests over the concurrency limit, oldest first.
+    queue: VecDeque<Queued>,
+    /// Wakes the driving task when a request is queued or the slot retires.
+    waker: Option<Waker>,
     next_id: u32,
     ended: bool,
     /// CPU used while no request was in flight (timers after the response),
@@ -53,7 +64,17 @@ struct SlotState {
     retired: bool,
     last_used: Option<Instant>,
     heap_used: usize,
+    /// V8 heap pages plus ArrayBuffer memory: what evicting the isolate frees.
+    memory: usize,
     cpu_total: Duration,
+}
+
+impl SlotState {
+    fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
 }
 
 /// Snapshot of one live isolate, for stats.
@@ -65,8 +86,12 @@ pub struct IsolateInfo {
     pub version: String,
     /// V8 heap in use at the last poll.
     pub heap_used: usize,
+    /// Memory the isolate holds (V8 heap pages plus ArrayBuffers).
+    pub memory: usize,
     /// Requests in flight.
     pub in_flight: usize,
+    /// Requests waiting for a concurrency slot.
+    pub queued: usize,
     /// CPU time used by this isolate so far.
     pub cpu_total: Duration,
     /// When it last received a request.
@@ -76,25 +101,25 @@ pub struct IsolateInfo {
 /// The worker's handle on one tenant isolate.
 pub(crate) struct TenantSlot {
     pub(crate) deployment: Arc<Deployment>,
-    requests: RefCell<Option<mpsc::UnboundedSender<IncomingRequest>>>,
     state: Rc<RefCell<SlotState>>,
 }
 
 impl TenantSlot {
     /// Hands `isolate` to `deployment` and spawns the task that drives it.
+    /// The isolate's CPU time is also added to `cpu_counter`, which
+    /// outlives it.
     pub(crate) fn start(
-        mut isolate: Isolate,
+        isolate: Isolate,
         deployment: Arc<Deployment>,
         watch: Arc<CpuWatch>,
+        cpu_counter: Rc<Cell<Duration>>,
     ) -> Rc<TenantSlot> {
-        let requests = isolate.host.requests.clone();
-        // The slot's sender must be the only one, so retiring closes the inbox.
-        let (dead_tx, _) = mpsc::unbounded_channel();
-        isolate.host.requests = dead_tx;
-        let state = Rc::new(RefCell::new(SlotState::default()));
+        let state = Rc::new(RefCell::new(SlotState {
+            last_used: Some(Instant::now()),
+            ..SlotState::default()
+        }));
         let slot = Rc::new(TenantSlot {
             deployment: deployment.clone(),
-            requests: RefCell::new(Some(requests)),
             state: state.clone(),
         });
         let span = tracing::info_span!(
@@ -102,65 +127,79 @@ impl TenantSlot {
             tenant = %deployment.tenant,
             deployment = %deployment.version
         );
-        tokio::task::spawn_local(run(isolate, deployment, state, watch).instrument(span));
+        tokio::task::spawn_local(
+            run(isolate, deployment, state, watch, cpu_counter).instrument(span),
+        );
         slot
     }
 
-    /// Whether the isolate is still serving.
+    /// Whether the isolate still takes requests.
     pub(crate) fn is_alive(&self) -> bool {
-        !self.state.borrow().ended && self.requests.borrow().is_some()
+        let st = self.state.borrow();
+        !st.ended && !st.retired
     }
 
-    /// Sends a request into the isolate.
+    /// Whether nothing is running or waiting in the isolate.
+    pub(crate) fn is_idle(&self) -> bool {
+        let st = self.state.borrow();
+        st.in_flight.is_empty() && st.queue.is_empty()
+    }
+
+    /// Queues a request for the isolate; the driving task admits it once
+    /// the isolate is under its concurrency limit.
     pub(crate) fn dispatch(&self, d: Dispatch) {
         let mut st = self.state.borrow_mut();
+        if st.ended || st.retired {
+            // The isolate's task is gone (or going): the caller starts a
+            // fresh one for the next request.
+            let _ = d.respond.send(Err(HandlerError {
+                kind: FailureKind::Unavailable,
+                detail: "the isolate has stopped".into(),
+            }));
+            return;
+        }
+        let limits = &self.deployment.limits;
+        if st.in_flight.len() + st.queue.len() >= limits.max_concurrent + limits.max_queued {
+            let _ = d.respond.send(Err(HandlerError {
+                kind: FailureKind::Overloaded,
+                detail: format!(
+                    "{} requests in flight and {} queued, the most this script allows",
+                    st.in_flight.len(),
+                    st.queue.len()
+                ),
+            }));
+            return;
+        }
         st.next_id = st.next_id.wrapping_add(1).max(1);
         let id = st.next_id;
-        st.last_used = Some(Instant::now());
+        let now = Instant::now();
+        st.last_used = Some(now);
         st.idle_cpu = Duration::ZERO;
         let (done_tx, done_rx) = oneshot::channel();
         let r = d.request;
-        let incoming = IncomingRequest {
-            id,
-            request_id: r.request_id,
-            method: r.method,
-            url: r.url,
-            headers: r.headers,
-            body: r.body,
-            respond: d.respond,
-            done: done_tx,
-        };
-        let sent = match self.requests.borrow().as_ref() {
-            Some(tx) => tx.send(incoming).map_err(|e| e.0),
-            None => Err(incoming),
-        };
-        match sent {
-            Ok(()) => {
-                st.in_flight.insert(
-                    id,
-                    InFlight {
-                        cpu: Duration::ZERO,
-                        deadline: Instant::now() + self.deployment.limits.wall_per_request,
-                        done: done_rx,
-                    },
-                );
-            }
-            Err(incoming) => {
-                // The isolate's task is gone (it ended or panicked): the
-                // next request starts a fresh one.
-                st.ended = true;
-                let _ = incoming.respond.send(Err(HandlerError {
-                    kind: FailureKind::Unavailable,
-                    detail: "the isolate has stopped".into(),
-                }));
-            }
-        }
+        st.queue.push_back(Queued {
+            incoming: IncomingRequest {
+                id,
+                request_id: r.request_id,
+                method: r.method,
+                url: r.url,
+                headers: r.headers,
+                body: r.body,
+                respond: d.respond,
+                done: done_tx,
+            },
+            deadline: now + limits.wall_per_request,
+            done: done_rx,
+        });
+        st.wake();
     }
 
-    /// Stops taking requests; the isolate ends once those in flight finish.
+    /// Stops taking requests; the isolate ends once those in flight and
+    /// queued finish.
     pub(crate) fn retire(&self) {
-        self.requests.borrow_mut().take();
-        self.state.borrow_mut().retired = true;
+        let mut st = self.state.borrow_mut();
+        st.retired = true;
+        st.wake();
     }
 
     pub(crate) fn info(&self) -> IsolateInfo {
@@ -169,7 +208,9 @@ impl TenantSlot {
             tenant: self.deployment.tenant.clone(),
             version: self.deployment.version.clone(),
             heap_used: st.heap_used,
+            memory: st.memory,
             in_flight: st.in_flight.len(),
+            queued: st.queue.len(),
             cpu_total: st.cpu_total,
             last_used: st.last_used,
         }
@@ -181,9 +222,21 @@ async fn run(
     deployment: Arc<Deployment>,
     state: Rc<RefCell<SlotState>>,
     watch: Arc<CpuWatch>,
+    cpu_counter: Rc<Cell<Duration>>,
 ) {
-    let (kind, detail) = drive(&mut isolate, &deployment, &state, &watch).await;
-    state.borrow_mut().ended = true;
+    let (kind, detail) = drive(&mut isolate, &deployment, &state, &watch, &cpu_counter).await;
+    let queued = {
+        let mut st = state.borrow_mut();
+        st.ended = true;
+        std::mem::take(&mut st.queue)
+    };
+    for q in queued {
+        // These never ran here: whatever ended the isolate is not theirs.
+        let _ = q.incoming.respond.send(Err(HandlerError {
+            kind: FailureKind::Unavailable,
+            detail: format!("the isolate ended while the request waited for it: {detail}"),
+        }));
+    }
     match kind {
         FailureKind::Unavailable => tracing::debug!("isolate retired: {detail}"),
         FailureKind::Startup => tracing::error!("script failed to start: {detail}"),
@@ -203,8 +256,13 @@ async fn drive(
     deployment: &Arc<Deployment>,
     state: &Rc<RefCell<SlotState>>,
     watch: &Arc<CpuWatch>,
+    cpu_counter: &Rc<Cell<Duration>>,
 ) -> (FailureKind, String) {
     let limits = deployment.limits;
+    // The only sender into the isolate: admission below is the one way in.
+    let requests = isolate.host.requests.clone();
+    let (dead_tx, _) = mpsc::unbounded_channel();
+    isolate.host.requests = dead_tx;
     let (_, booted_placeholder) = oneshot::channel();
     let mut booted = Some(std::mem::replace(
         &mut isolate.host.booted,
@@ -221,6 +279,13 @@ async fn drive(
     wall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     poll_fn(|cx| {
+        {
+            let mut st = state.borrow_mut();
+            if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                st.waker = Some(cx.waker().clone());
+            }
+            admit(&mut st, &requests, limits.max_concurrent);
+        }
         let idle = state.borrow().in_flight.is_empty();
         let budget = if booted.is_some() {
             limits.cpu_startup.saturating_sub(startup_cpu)
@@ -242,14 +307,15 @@ async fn drive(
         watch.arm(budget, handle.clone(), terminated.clone());
         let (polled, heap) = isolate.run(|iso| {
             let polled = iso.js.poll_event_loop(cx, PollEventLoopOptions::default());
-            (polled, iso.heap_used())
+            (polled, iso.memory())
         });
         watch.disarm();
         let used = thread_cpu_time().saturating_sub(t0);
+        cpu_counter.set(cpu_counter.get() + used);
         {
             let mut st = state.borrow_mut();
             st.cpu_total += used;
-            st.heap_used = heap;
+            (st.heap_used, st.memory) = heap;
             if booted.is_some() {
                 // Startup has its own budget; requests waiting for it are not charged.
                 startup_cpu += used;
@@ -340,7 +406,23 @@ async fn drive(
             );
             false
         });
-        if st.in_flight.is_empty() {
+        st.queue.retain_mut(|q| {
+            if now < q.deadline {
+                return true;
+            }
+            let (respond, _) = oneshot::channel();
+            let respond = std::mem::replace(&mut q.incoming.respond, respond);
+            let _ = respond.send(Err(HandlerError {
+                kind: FailureKind::WallClockLimit,
+                detail: "the request waited for a free slot past the wall-clock limit".into(),
+            }));
+            false
+        });
+        if st.in_flight.len() < limits.max_concurrent && !st.queue.is_empty() {
+            // Finished requests made room: admit and poll again.
+            cx.waker().wake_by_ref();
+        }
+        if st.in_flight.is_empty() && st.queue.is_empty() {
             if st.retired {
                 return Poll::Ready((FailureKind::Unavailable, "retired".into()));
             }
@@ -350,6 +432,37 @@ async fn drive(
         Poll::Pending
     })
     .await
+}
+
+/// Moves queued requests into the isolate while it is under `max_concurrent`.
+fn admit(
+    st: &mut SlotState,
+    requests: &mpsc::UnboundedSender<IncomingRequest>,
+    max_concurrent: usize,
+) {
+    while st.in_flight.len() < max_concurrent {
+        let Some(q) = st.queue.pop_front() else { break };
+        let id = q.incoming.id;
+        match requests.send(q.incoming) {
+            Ok(()) => {
+                st.in_flight.insert(
+                    id,
+                    InFlight {
+                        cpu: Duration::ZERO,
+                        deadline: q.deadline,
+                        done: q.done,
+                    },
+                );
+            }
+            Err(e) => {
+                // The isolate's JS stopped reading: it is ending.
+                let _ = e.0.respond.send(Err(HandlerError {
+                    kind: FailureKind::Unavailable,
+                    detail: "the isolate has stopped".into(),
+                }));
+            }
+        }
+    }
 }
 
 use std::future::Future as _;

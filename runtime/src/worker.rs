@@ -1,10 +1,11 @@
 //! Worker threads: each owns a tokio current-thread runtime, the isolates of
 //! the tenants hashed to it, and a pool of pre-booted blank isolates.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -20,6 +21,8 @@ pub(crate) enum WorkerMsg {
         deployment: Arc<Deployment>,
         dispatch: Dispatch,
     },
+    /// Start the deployment's isolate now, ahead of its first request.
+    Warm { deployment: Arc<Deployment> },
     /// Stop the tenant's isolate once its requests finish.
     Retire { tenant: String },
     /// Report live isolates.
@@ -37,24 +40,43 @@ pub struct WorkerStats {
     pub cold_starts: u64,
     /// Cold starts that found the pool empty and booted from the snapshot inline.
     pub pool_misses: u64,
+    /// Idle isolates ended to bring the worker back under its memory budget.
+    pub evictions: u64,
+    /// This worker's share of the node's isolate memory budget.
+    pub memory_budget: usize,
+    /// CPU time used by each tenant's isolates on this worker, ended ones included.
+    pub cpu_by_tenant: Vec<(String, Duration)>,
+}
+
+/// How often the memory budget is checked between cold starts (isolates
+/// grow while they serve).
+const BUDGET_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// How a worker thread is sized.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WorkerConfig {
+    pub(crate) pool_target: usize,
+    pub(crate) default_heap: usize,
+    /// Memory this worker's tenant isolates may hold before idle ones are evicted.
+    pub(crate) memory_budget: usize,
 }
 
 struct Worker {
     slots: RefCell<HashMap<String, Rc<TenantSlot>>>,
     pool: RefCell<Vec<Isolate>>,
-    pool_target: usize,
-    default_heap: usize,
+    config: WorkerConfig,
     watch: Arc<CpuWatch>,
     refill: Notify,
-    cold_starts: std::cell::Cell<u64>,
-    pool_misses: std::cell::Cell<u64>,
+    cold_starts: Cell<u64>,
+    pool_misses: Cell<u64>,
+    evictions: Cell<u64>,
+    cpu_by_tenant: RefCell<HashMap<String, Rc<Cell<Duration>>>>,
 }
 
 /// Spawns worker thread `index`; returns its inbox.
 pub(crate) fn spawn(
     index: usize,
-    pool_target: usize,
-    default_heap: usize,
+    config: WorkerConfig,
     watchdog: CpuWatchdog,
 ) -> std::io::Result<mpsc::UnboundedSender<WorkerMsg>> {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -79,14 +101,16 @@ pub(crate) fn spawn(
                 let worker = Rc::new(Worker {
                     slots: RefCell::new(HashMap::new()),
                     pool: RefCell::new(Vec::new()),
-                    pool_target,
-                    default_heap,
+                    config,
                     watch: watchdog.register_current_thread(),
                     refill: Notify::new(),
                     cold_starts: Default::default(),
                     pool_misses: Default::default(),
+                    evictions: Default::default(),
+                    cpu_by_tenant: Default::default(),
                 });
                 tokio::task::spawn_local(refill_pool(worker.clone()));
+                tokio::task::spawn_local(check_budget(worker.clone()));
                 serve(worker, rx).await;
             });
         })?;
@@ -99,7 +123,19 @@ async fn serve(worker: Rc<Worker>, mut rx: mpsc::UnboundedReceiver<WorkerMsg>) {
             WorkerMsg::Dispatch {
                 deployment,
                 dispatch,
-            } => worker.slot_for(&deployment).dispatch(dispatch),
+            } => {
+                let (slot, started) = worker.slot_for(&deployment);
+                slot.dispatch(dispatch);
+                if started {
+                    worker.enforce_budget(&deployment.tenant);
+                }
+            }
+            WorkerMsg::Warm { deployment } => {
+                if worker.slot_for(&deployment).1 {
+                    tracing::debug!(tenant = %deployment.tenant, "warming isolate");
+                    worker.enforce_budget(&deployment.tenant);
+                }
+            }
             WorkerMsg::Retire { tenant } => {
                 if let Some(slot) = worker.slots.borrow_mut().remove(&tenant) {
                     slot.retire();
@@ -117,8 +153,8 @@ async fn serve(worker: Rc<Worker>, mut rx: mpsc::UnboundedReceiver<WorkerMsg>) {
 }
 
 impl Worker {
-    /// The live isolate of this exact deployment, or a new one.
-    fn slot_for(&self, deployment: &Arc<Deployment>) -> Rc<TenantSlot> {
+    /// The live isolate of this exact deployment, or a new one (then `true`).
+    fn slot_for(&self, deployment: &Arc<Deployment>) -> (Rc<TenantSlot>, bool) {
         if let Some(slot) = self.slots.borrow().get(&deployment.tenant)
             && slot.is_alive()
             && (slot.deployment.version == deployment.version
@@ -126,7 +162,7 @@ impl Worker {
                 // serve it on the newer version instead of flapping back.
                 || slot.deployment.generation > deployment.generation)
         {
-            return slot.clone();
+            return (slot.clone(), false);
         }
         if let Some(old) = self.slots.borrow_mut().remove(&deployment.tenant) {
             // A new version (or a dead isolate): in-flight requests of the
@@ -135,15 +171,57 @@ impl Worker {
         }
         let isolate = self.take_isolate(deployment.limits.heap_bytes);
         self.cold_starts.set(self.cold_starts.get() + 1);
-        let slot = TenantSlot::start(isolate, deployment.clone(), self.watch.clone());
+        let cpu = self
+            .cpu_by_tenant
+            .borrow_mut()
+            .entry(deployment.tenant.clone())
+            .or_default()
+            .clone();
+        let slot = TenantSlot::start(isolate, deployment.clone(), self.watch.clone(), cpu);
         self.slots
             .borrow_mut()
             .insert(deployment.tenant.clone(), slot.clone());
-        slot
+        (slot, true)
+    }
+
+    /// Evicts idle isolates, least recently used first, until this
+    /// worker's isolates fit its memory budget. `keep` (the tenant just
+    /// started) is never evicted: evicting what is about to be used would
+    /// only thrash.
+    fn enforce_budget(&self, keep: &str) {
+        let mut slots = self.slots.borrow_mut();
+        let total: usize = slots
+            .values()
+            .filter(|s| s.is_alive())
+            .map(|s| s.info().memory)
+            .sum();
+        if total <= self.config.memory_budget {
+            return;
+        }
+        let idle = slots
+            .iter()
+            .filter(|(tenant, s)| tenant.as_str() != keep && s.is_alive() && s.is_idle())
+            .map(|(tenant, s)| {
+                let info = s.info();
+                (tenant.clone(), info.memory, info.last_used)
+            })
+            .collect();
+        for (tenant, memory) in victims(idle, total, self.config.memory_budget) {
+            if let Some(slot) = slots.remove(&tenant) {
+                slot.retire();
+                self.evictions.set(self.evictions.get() + 1);
+                tracing::info!(
+                    tenant = %tenant,
+                    memory_mib = memory as f64 / (1024.0 * 1024.0),
+                    budget_mib = self.config.memory_budget as f64 / (1024.0 * 1024.0),
+                    "evicted idle isolate: worker over its memory budget"
+                );
+            }
+        }
     }
 
     fn take_isolate(&self, heap: usize) -> Isolate {
-        let pooled = if heap == self.default_heap {
+        let pooled = if heap == self.config.default_heap {
             self.pool.borrow_mut().pop()
         } else {
             None
@@ -170,6 +248,14 @@ impl Worker {
             pooled: self.pool.borrow().len(),
             cold_starts: self.cold_starts.get(),
             pool_misses: self.pool_misses.get(),
+            evictions: self.evictions.get(),
+            memory_budget: self.config.memory_budget,
+            cpu_by_tenant: self
+                .cpu_by_tenant
+                .borrow()
+                .iter()
+                .map(|(t, c)| (t.clone(), c.get()))
+                .collect(),
         }
     }
 }
@@ -178,11 +264,61 @@ impl Worker {
 /// requests are never stuck behind a batch of snapshot deserializations.
 async fn refill_pool(worker: Rc<Worker>) {
     loop {
-        while worker.pool.borrow().len() < worker.pool_target {
+        while worker.pool.borrow().len() < worker.config.pool_target {
             tokio::task::yield_now().await;
-            let isolate = Isolate::new(worker.default_heap);
+            let isolate = Isolate::new(worker.config.default_heap);
             worker.pool.borrow_mut().push(isolate);
         }
         worker.refill.notified().await;
+    }
+}
+
+/// Which idle isolates `(key, memory, last used)` to evict, least recently
+/// used first, to bring `total` down to `budget`; with their memory.
+fn victims<K>(
+    mut idle: Vec<(K, usize, Option<Instant>)>,
+    mut total: usize,
+    budget: usize,
+) -> Vec<(K, usize)> {
+    idle.sort_by_key(|(_, _, last_used)| *last_used);
+    let mut out = Vec::new();
+    for (key, memory, _) in idle {
+        if total <= budget {
+            break;
+        }
+        total = total.saturating_sub(memory);
+        out.push((key, memory));
+    }
+    out
+}
+
+/// Re-checks the memory budget periodically: isolates grow as they serve.
+async fn check_budget(worker: Rc<Worker>) {
+    let mut tick = tokio::time::interval(BUDGET_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        worker.enforce_budget("");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_least_recently_used_until_under_budget() {
+        let t0 = Instant::now();
+        let at = |ms| Some(t0 + Duration::from_millis(ms));
+        let idle = vec![("new", 4, at(30)), ("old", 4, at(10)), ("mid", 4, at(20))];
+        // 16 in use (the busy rest is not a candidate), budget 9: the two
+        // oldest idle isolates go, the newest stays.
+        assert_eq!(victims(idle.clone(), 16, 9), [("old", 4), ("mid", 4)]);
+        assert_eq!(victims(idle.clone(), 9, 9), []);
+        // Never used counts as oldest.
+        let idle = vec![("used", 4, at(1)), ("never", 4, None)];
+        assert_eq!(victims(idle, 10, 8), [("never", 4)]);
+        // Over budget with nothing idle: nothing to evict.
+        assert_eq!(victims(Vec::<(&str, usize, _)>::new(), 100, 1), []);
     }
 }

@@ -96,6 +96,14 @@ impl Dev {
         format!("{}{}", self.base, path)
     }
 
+    /// The admin listener's base URL, as `atoll node` printed it.
+    pub fn admin(&self) -> String {
+        self.out()
+            .lines()
+            .find_map(|l| l.strip_prefix("atoll node: admin on ").map(str::to_string))
+            .expect("admin address printed")
+    }
+
     /// Everything the process wrote to stderr (its log) so far.
     pub fn log(&self) -> String {
         self.stderr.lock().expect("lock").clone()
@@ -207,4 +215,22 @@ pub fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(60))
         .build()
         .expect("client")
+}
+
+/// A CA, and a leaf certificate for `host` signed by it: (CA PEM, leaf PEM, leaf key PEM).
+pub fn ca_and_leaf(host: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{host} test CA"));
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec![host.to_string()])
+        .expect("params")
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf cert");
+    (ca_cert.pem(), leaf.pem(), leaf_key.serialize_pem())
 }

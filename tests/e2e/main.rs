@@ -9,3 +9,4 @@ mod dev_limits;
 mod dev_reload;
 mod dev_streaming;
 mod node_config;
+mod node_lifecycle;

@@ -1,6 +1,6 @@
 //! `atoll node --config`: a node built from its config file.
 
-use crate::harness::{Dev, client, run_to_exit};
+use crate::harness::{Dev, ca_and_leaf, client, run_to_exit};
 
 const CONFIG: &str = r#"
 [node]
@@ -127,11 +127,7 @@ async fn admin_listener_reports_health_metrics_and_tenants() {
             "export default { fetch: () => new Response('api') };\n",
         ),
     ]);
-    let admin = node
-        .out()
-        .lines()
-        .find_map(|l| l.strip_prefix("atoll node: admin on ").map(str::to_string))
-        .expect("admin address printed");
+    let admin = node.admin();
     let c = client();
     let get = |path: &str| {
         let c = c.clone();
@@ -199,24 +195,6 @@ async fn admin_listener_reports_health_metrics_and_tenants() {
     let out = run_to_exit(&[], &["node", "status", "--admin", "127.0.0.1:1"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
-}
-
-/// A CA, and a leaf certificate for `host` signed by it: (CA PEM, leaf PEM, leaf key PEM).
-fn ca_and_leaf(host: &str) -> (String, String, String) {
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("{host} test CA"));
-    let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().expect("key");
-    let leaf = rcgen::CertificateParams::new(vec![host.to_string()])
-        .expect("params")
-        .signed_by(&leaf_key, &issuer)
-        .expect("leaf cert");
-    (ca_cert.pem(), leaf.pem(), leaf_key.serialize_pem())
 }
 
 #[tokio::test]

@@ -122,6 +122,9 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         if let Some(t) = config.threads {
             runtime_config.threads = t;
         }
+        if let Some(b) = config.isolate_memory_bytes {
+            runtime_config.memory_budget_bytes = b;
+        }
         if let Some(p) = config.pool_per_thread {
             runtime_config.pool_per_thread = p;
         }

@@ -33,25 +33,30 @@ pub fn print(admin: &str) -> anyhow::Result<()> {
         total("atoll_limit_terminations_total"),
     );
     println!(
-        "  isolates live {}   pooled {}   resident memory {:.1} MiB",
+        "  isolates live {}   pooled {}   evicted {}   isolate memory {:.1} of {:.0} MiB   resident memory {:.1} MiB",
         total("atoll_isolates{state=\"live\"}"),
         total("atoll_isolates{state=\"pooled\"}"),
+        total("atoll_isolates_evicted_total"),
+        total("atoll_isolate_memory_bytes") / 1048576.0,
+        total("atoll_isolate_memory_budget_bytes") / 1048576.0,
         total("process_resident_memory_bytes") / 1048576.0
     );
     let empty = Vec::new();
     let isolates = tenants["isolates"].as_array().unwrap_or(&empty);
     println!();
     println!(
-        "  {:<24} {:<18} {:>9} {:>9} {:>10} {:>9}",
-        "TENANT", "VERSION", "HEAP MiB", "IN FLIGHT", "CPU ms", "IDLE s"
+        "  {:<24} {:<18} {:>9} {:>9} {:>9} {:>7} {:>10} {:>9}",
+        "TENANT", "VERSION", "HEAP MiB", "MEM MiB", "IN FLIGHT", "QUEUED", "CPU ms", "IDLE s"
     );
     for i in isolates {
         println!(
-            "  {:<24} {:<18} {:>9.1} {:>9} {:>10.1} {:>9.1}",
+            "  {:<24} {:<18} {:>9.1} {:>9.1} {:>9} {:>7} {:>10.1} {:>9.1}",
             i["tenant"].as_str().unwrap_or("?"),
             i["version"].as_str().unwrap_or("?"),
             i["heap_used_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            i["memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
             i["in_flight"].as_u64().unwrap_or(0),
+            i["queued"].as_u64().unwrap_or(0),
             i["cpu_ms"].as_f64().unwrap_or(0.0),
             i["idle_seconds"].as_f64().unwrap_or(0.0),
         );

@@ -1,0 +1,350 @@
+//! Isolate lifecycle on a real node: eviction under the memory budget,
+//! the per-isolate concurrency limit, and warming on the TLS ClientHello.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::{Dev, ca_and_leaf, client};
+
+/// GETs `path` on `node` with `host`; returns status and body.
+async fn get(c: &reqwest::Client, node: &Dev, host: &str, path: &str) -> (u16, String) {
+    let resp = c
+        .get(node.url(path))
+        .header("host", host)
+        .send()
+        .await
+        .expect("request");
+    (resp.status().as_u16(), resp.text().await.expect("text"))
+}
+
+/// The admin listener's `path` as text.
+async fn admin(c: &reqwest::Client, node: &Dev, path: &str) -> String {
+    c.get(format!("{}{path}", node.admin()))
+        .send()
+        .await
+        .expect("admin request")
+        .text()
+        .await
+        .expect("text")
+}
+
+/// Live isolates from `/tenants`.
+async fn isolates(c: &reqwest::Client, node: &Dev) -> Vec<serde_json::Value> {
+    let v: serde_json::Value =
+        serde_json::from_str(&admin(c, node, "/tenants").await).expect("json");
+    v["isolates"].as_array().cloned().unwrap_or_default()
+}
+
+/// Polls `/tenants` until `pred` holds for some isolate of `tenant`.
+async fn wait_for_isolate(
+    c: &reqwest::Client,
+    node: &Dev,
+    tenant: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) {
+    let started = Instant::now();
+    loop {
+        if isolates(c, node)
+            .await
+            .iter()
+            .any(|i| i["tenant"] == tenant && pred(i))
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{tenant}'s isolate never reached the expected state: {:?}",
+            isolates(c, node).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of metric line `name` (exact, labels included).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+/// Counts requests per isolate and holds a few MiB, so two isolates do not
+/// fit a 1 MiB budget.
+const COUNTER: &str = r#"
+let served = 0;
+const ballast = Array.from({ length: 100000 }, (_, i) => "entry " + i);
+export default {
+  async fetch(req) {
+    if (new URL(req.url).pathname === "/slow") {
+      await new Promise((r) => setTimeout(r, 1500));
+    }
+    served += 1;
+    return new Response(`${served} ${ballast.length}`);
+  },
+};
+"#;
+
+#[tokio::test]
+async fn idle_isolates_are_evicted_over_the_memory_budget_and_restart_cleanly() {
+    let node = Dev::start_node(&[
+        (
+            "node.toml",
+            r#"
+[node]
+threads = 1
+isolate_memory_mb = 1
+
+[[listen]]
+addr = "127.0.0.1:0"
+
+[admin]
+addr = "127.0.0.1:0"
+
+[[scripts]]
+name = "a"
+entry = "counter.js"
+
+[[scripts]]
+name = "b"
+entry = "counter.js"
+
+[[routes]]
+pattern = "a.test"
+script = "a"
+
+[[routes]]
+pattern = "b.test"
+script = "b"
+"#,
+        ),
+        ("counter.js", COUNTER),
+    ]);
+    let c = client();
+    assert_eq!(
+        get(&c, &node, "a.test", "/").await,
+        (200, "1 100000".into())
+    );
+
+    // b's cold start pushes the worker over budget: idle a is evicted.
+    assert_eq!(
+        get(&c, &node, "b.test", "/").await,
+        (200, "1 100000".into())
+    );
+    node.wait_for_log("evicted idle isolate").await;
+    let metrics = admin(&c, &node, "/metrics").await;
+    assert!(metric(&metrics, "atoll_isolates_evicted_total") >= 1.0);
+    assert_eq!(
+        metric(&metrics, "atoll_isolate_memory_budget_bytes"),
+        1048576.0
+    );
+    assert!(
+        !isolates(&c, &node).await.iter().any(|i| i["tenant"] == "a"),
+        "a must be gone"
+    );
+
+    // a comes back in a fresh isolate: its module state starts over.
+    assert_eq!(
+        get(&c, &node, "a.test", "/").await,
+        (200, "1 100000".into())
+    );
+    let metrics = admin(&c, &node, "/metrics").await;
+    assert_eq!(metric(&metrics, "atoll_cold_starts_total"), 3.0);
+
+    // An isolate with a request in flight is never evicted: b's slow
+    // request finishes while a (busy) and b's cold start compete.
+    let slow = {
+        let c = c.clone();
+        let url = node.url("/slow");
+        tokio::spawn(async move {
+            let resp = c
+                .get(url)
+                .header("host", "a.test")
+                .send()
+                .await
+                .expect("slow request");
+            (resp.status().as_u16(), resp.text().await.expect("text"))
+        })
+    };
+    wait_for_isolate(&c, &node, "a", |i| i["in_flight"] == 1).await;
+    let (status, _) = get(&c, &node, "b.test", "/").await;
+    assert_eq!(status, 200);
+    assert_eq!(slow.await.expect("join"), (200, "2 100000".into()));
+}
+
+#[tokio::test]
+async fn a_full_isolate_queues_then_refuses_with_503() {
+    let node = Dev::start_node(&[
+        (
+            "node.toml",
+            r#"
+[[listen]]
+addr = "127.0.0.1:0"
+
+[admin]
+addr = "127.0.0.1:0"
+
+[[scripts]]
+name = "q"
+entry = "slow.js"
+limits = { max_concurrent = 1, max_queued = 1 }
+
+[[routes]]
+pattern = "*"
+script = "q"
+"#,
+        ),
+        (
+            "slow.js",
+            r#"
+let n = 0;
+export default {
+  async fetch() {
+    const mine = ++n;
+    await new Promise((r) => setTimeout(r, 700));
+    return new Response(`done ${mine}`);
+  },
+};
+"#,
+        ),
+    ]);
+    let c = client();
+    let spawn_get = || {
+        let c = c.clone();
+        let url = node.url("/");
+        tokio::spawn(async move {
+            let resp = c.get(url).send().await.expect("request");
+            (resp.status().as_u16(), resp.text().await.expect("text"))
+        })
+    };
+    let first = spawn_get();
+    wait_for_isolate(&c, &node, "q", |i| i["in_flight"] == 1).await;
+    let second = spawn_get();
+    wait_for_isolate(&c, &node, "q", |i| i["queued"] == 1).await;
+
+    // One running, one waiting: the third is refused at once.
+    let started = Instant::now();
+    let resp = c.get(node.url("/")).send().await.expect("request");
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .map(|v| v.as_bytes().to_vec()),
+        Some(b"1".to_vec())
+    );
+    let text = resp.text().await.expect("text");
+    assert!(text.contains("too many requests"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_millis(600),
+        "the refusal must not wait for the running request"
+    );
+
+    // The queued request runs after the first, in order.
+    assert_eq!(first.await.expect("join"), (200, "done 1".into()));
+    assert_eq!(second.await.expect("join"), (200, "done 2".into()));
+    let metrics = admin(&c, &node, "/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "atoll_limit_terminations_total{tenant=\"q\",limit=\"concurrency\"}"
+        ),
+        1.0
+    );
+    assert!(
+        node.log().contains("concurrency limit"),
+        "the log names the limit"
+    );
+}
+
+#[tokio::test]
+async fn a_tls_client_hello_warms_the_named_tenant_before_the_request() {
+    let (ca, leaf, key) = ca_and_leaf("warm.example.test");
+    let node = Dev::start_node(&[
+        (
+            "node.toml",
+            r#"
+[[listen]]
+addr = "127.0.0.1:0"
+tls = true
+
+[admin]
+addr = "127.0.0.1:0"
+
+[[certificates]]
+hosts = ["warm.example.test", "cold.example.test"]
+cert = "leaf.pem"
+key = "leaf.key"
+
+[[scripts]]
+name = "warm"
+entry = "hello.js"
+
+[[scripts]]
+name = "cold"
+entry = "hello.js"
+
+[[routes]]
+pattern = "warm.example.test/app"
+script = "warm"
+
+[[routes]]
+pattern = "cold.example.test"
+script = "cold"
+"#,
+        ),
+        ("leaf.pem", &leaf),
+        ("leaf.key", &key),
+        (
+            "hello.js",
+            "export default { fetch: (r) => new Response('hello ' + new URL(r.url).pathname) };\n",
+        ),
+    ]);
+    let c = client();
+    let addr: std::net::SocketAddr = node
+        .base
+        .trim_start_matches("https://")
+        .parse()
+        .expect("address");
+
+    // Only the TLS handshake: no HTTP request yet.
+    let mut roots = rustls::RootCertStore::empty();
+    let mut pem = ca.as_bytes();
+    for cert in rustls_pemfile::certs(&mut pem) {
+        roots.add(cert.expect("CA pem")).expect("add CA");
+    }
+    // reqwest brings ring, the node aws-lc-rs: name the provider.
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("warm.example.test").expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+
+    // The isolate of the script routed for that host (under any path) boots
+    // before any request names it; the other tenant stays cold.
+    wait_for_isolate(&c, &node, "warm", |_| true).await;
+    assert!(
+        !isolates(&c, &node)
+            .await
+            .iter()
+            .any(|i| i["tenant"] == "cold"),
+        "only the named host is warmed"
+    );
+
+    // The request on that connection is served by the warmed isolate.
+    tls.write_all(b"GET /app/x HTTP/1.1\r\nhost: warm.example.test\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut raw = Vec::new();
+    tls.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("hello /app/x"), "{text}");
+    let metrics = admin(&c, &node, "/metrics").await;
+    assert_eq!(metric(&metrics, "atoll_cold_starts_total"), 1.0);
+}
