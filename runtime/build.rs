@@ -14,7 +14,7 @@ fn main() {
     // reachable at run time; collect them before the extensions are moved.
     let mut lazy_js = Vec::new();
     let mut lazy_esm = Vec::new();
-    for ext in extensions::extensions() {
+    for ext in extensions::extensions(None) {
         for f in ext.lazy_loaded_js_files.iter() {
             lazy_js.push(f.clone());
         }
@@ -28,7 +28,7 @@ fn main() {
             cargo_manifest_dir: env!("CARGO_MANIFEST_DIR"),
             startup_snapshot: None,
             skip_op_registration: false,
-            extensions: extensions::extensions(),
+            extensions: extensions::extensions(None),
             extension_transpiler: None,
             with_runtime_cb: None,
         },

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use atoll_runtime::Limits;
+use atoll_runtime::{Allowance, Limits, OutboundConfig};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -68,6 +68,15 @@ struct CertificateSection {
     key: Spanned<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutboundSection {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    nameservers: Vec<Spanned<String>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AdminSection {
@@ -83,6 +92,9 @@ struct LimitsSection {
     heap_mb: Option<Spanned<u64>>,
     max_concurrent: Option<Spanned<u64>>,
     max_queued: Option<Spanned<u64>>,
+    subrequests: Option<Spanned<u64>>,
+    fetch_concurrency: Option<Spanned<u64>>,
+    fetch_response_mb: Option<Spanned<u64>>,
     max_body_mb: Option<Spanned<u64>>,
 }
 
@@ -112,6 +124,8 @@ struct File {
     #[serde(default)]
     listen: Vec<ListenSection>,
     admin: Option<AdminSection>,
+    #[serde(default)]
+    outbound: OutboundSection,
     #[serde(default)]
     certificates: Vec<CertificateSection>,
     #[serde(default)]
@@ -170,6 +184,8 @@ pub struct NodeConfig {
     pub pool_per_thread: Option<usize>,
     /// Memory all tenant isolates may hold before idle ones are evicted.
     pub isolate_memory_bytes: Option<usize>,
+    /// How handlers' `fetch()` reaches the network.
+    pub outbound: OutboundConfig,
     /// Server-side request limits.
     pub server: ServerLimits,
     /// Limits of scripts that set none of their own.
@@ -295,6 +311,41 @@ impl NodeConfig {
                 )
             })
             .transpose()?;
+        for a in &file.outbound.allow {
+            Allowance::parse(&[a.get_ref()])
+                .map_err(|e| invalid(a.span(), format!("outbound.allow: {e}")))?;
+        }
+        let allow = Allowance::parse(
+            &file
+                .outbound
+                .allow
+                .iter()
+                .map(|a| a.get_ref().as_str())
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| invalid(0..0, format!("outbound.allow: {e}")))?;
+        let mut nameservers = Vec::new();
+        for ns in &file.outbound.nameservers {
+            let addr = ns
+                .get_ref()
+                .parse::<SocketAddr>()
+                .or_else(|_| {
+                    ns.get_ref()
+                        .parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| {
+                    invalid(
+                        ns.span(),
+                        format!(
+                            "outbound.nameservers: {:?} is not an address like 1.1.1.1 or 127.0.0.1:5353",
+                            ns.get_ref()
+                        ),
+                    )
+                })?;
+            nameservers.push(addr);
+        }
+        let outbound = OutboundConfig { allow, nameservers };
         let defaults = merge_limits(&Limits::default(), &file.limits, &invalid)?;
         let mut server = ServerLimits::default();
         if let Some(mb) = &file.limits.max_body_mb {
@@ -370,6 +421,7 @@ impl NodeConfig {
             threads: file.node.threads,
             pool_per_thread: file.node.pool_per_thread,
             isolate_memory_bytes,
+            outbound,
             server,
             default_limits: defaults,
             scripts,
@@ -460,6 +512,16 @@ fn merge_limits<E>(
     }
     if let Some(v) = &section.max_queued {
         l.max_queued = bounded(v, "limits.max_queued", 0, invalid)?;
+    }
+    if let Some(v) = &section.subrequests {
+        l.fetch.subrequests = bounded(v, "limits.subrequests", 0, invalid)?;
+    }
+    if let Some(v) = &section.fetch_concurrency {
+        l.fetch.concurrent = bounded(v, "limits.fetch_concurrency", 1, invalid)?;
+    }
+    if let Some(v) = &section.fetch_response_mb {
+        l.fetch.response_bytes =
+            mebibytes(v, "limits.fetch_response_mb", 1, MAX_BODY_MB, invalid)? as u64;
     }
     Ok(l)
 }
@@ -580,6 +642,16 @@ script = "api"
                 "[node]\nisolate_memory_mb = 0\n[[listen]]\naddr = \"127.0.0.1:1\"\n",
                 2,
                 "node.isolate_memory_mb",
+            ),
+            (
+                "[[listen]]\naddr = \"127.0.0.1:1\"\n[outbound]\nallow = [\"127.0.0.1\",\n  \"*.corp\"]\n",
+                5,
+                "outbound.allow",
+            ),
+            (
+                "[[listen]]\naddr = \"127.0.0.1:1\"\n[outbound]\nnameservers = [\"dns.example\"]\n",
+                4,
+                "outbound.nameservers",
             ),
             (
                 "[[listen]]\naddr = \"127.0.0.1:1\"\n[limits]\nmax_concurrent = 0\n",

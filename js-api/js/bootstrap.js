@@ -7,6 +7,8 @@ import {
   op_atoll_body_close,
   op_atoll_body_write,
   op_atoll_boot_done,
+  op_atoll_fetch_begin,
+  op_atoll_fetch_end,
   op_atoll_log,
   op_atoll_next_request,
   op_atoll_request_done,
@@ -21,18 +23,23 @@ const {
   ErrorPrototype,
   FunctionPrototypeCall,
   JSONParse,
+  NumberParseFloat,
   ObjectDefineProperties,
   ObjectDefineProperty,
   ObjectFreeze,
   ObjectPrototypeIsPrototypeOf,
   Promise,
+  PromisePrototypeThen,
+  PromiseReject,
   PromiseResolve,
   SafePromiseAllSettled,
   String,
   StringPrototypeEndsWith,
   StringPrototypeSlice,
   TypedArrayPrototypeGetByteLength,
+  StringPrototypeIndexOf,
   TypeError,
+  TypeErrorPrototype,
   Uint8ArrayPrototype,
 } = primordials;
 
@@ -81,13 +88,63 @@ internals.__telemetryUtil ??= {
   updateSpanFromRequest() {},
 };
 const response = core.loadExtScript("ext:deno_fetch/23_response.js");
-const fetch = core.loadExtScript("ext:deno_fetch/26_fetch.js");
+const fetchMod = core.loadExtScript("ext:deno_fetch/26_fetch.js");
 
 // ---------------------------------------------------------------------------
 // Console: every line goes to the host tagged with the request it belongs to.
 
 /** The id of the request whose handler (or its continuations) is running. */
 const currentRequest = new core.AsyncVariable();
+
+// ---------------------------------------------------------------------------
+// Outbound fetch: the host counts each request's subrequests and open
+// fetches. Which addresses may be reached is decided in Rust, on every
+// redirect hop, where tenant code cannot interfere.
+
+const innerFetch = fetchMod.fetch;
+/** `fetch()` as handlers see it. */
+function fetch(input, init = undefined) {
+  const id = currentRequest.get() ?? 0;
+  const refusal = op_atoll_fetch_begin(id);
+  if (refusal !== "") return PromiseReject(new TypeError(refusal));
+  let pending;
+  try {
+    pending = innerFetch(input, init);
+  } catch (e) {
+    op_atoll_fetch_end(id, -1);
+    return PromiseReject(e);
+  }
+  return PromisePrototypeThen(
+    pending,
+    (response) => {
+      const declared = response.headers.get("content-length");
+      const refused = op_atoll_fetch_end(id, declared === null ? -1 : NumberParseFloat(declared));
+      if (refused !== "") {
+        response.body?.cancel();
+        throw new TypeError(refused);
+      }
+      return response;
+    },
+    (e) => {
+      op_atoll_fetch_end(id, -1);
+      throw withCause(e);
+    },
+  );
+}
+
+/**
+ * deno_fetch rejects with "fetch failed" and hides the reason (a refused
+ * address, a DNS failure) in `cause`: put it in the message handlers log.
+ */
+function withCause(e) {
+  const cause = e?.cause?.message;
+  if (!ObjectPrototypeIsPrototypeOf(TypeErrorPrototype, e) || typeof cause !== "string") {
+    return e;
+  }
+  const refused = StringPrototypeIndexOf(cause, "fetch() to ");
+  const reason = refused >= 0 ? StringPrototypeSlice(cause, refused) : cause;
+  return new TypeError(`${e.message}: ${reason}`, { cause: e.cause });
+}
 
 // Tenant output goes to logs and JSON, never a terminal: no ANSI colors.
 consoleMod.setNoColorFns(() => true, () => true);
@@ -230,7 +287,7 @@ ObjectDefineProperties(globalThis, {
   crypto: core.propGetterOnly(() => crypto.crypto),
   Crypto: core.propNonEnumerable(crypto.Crypto),
   SubtleCrypto: core.propNonEnumerable(crypto.SubtleCrypto),
-  fetch: core.propWritable(fetch.fetch),
+  fetch: core.propWritable(fetch),
   performance: core.propWritable(performance.performance),
   queueMicrotask: core.propWritable(core.queueMicrotask),
   removeEventListener: core.propWritable(removeEventListener),

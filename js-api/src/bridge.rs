@@ -116,6 +116,31 @@ pub(crate) struct Pending {
     pub(crate) respond: Option<oneshot::Sender<Result<OutgoingResponse, HandlerError>>>,
     pub(crate) body: Option<mpsc::Sender<Result<Bytes, String>>>,
     pub(crate) done: Option<oneshot::Sender<()>>,
+    /// `fetch()` calls made so far.
+    pub(crate) subrequests: usize,
+    /// `fetch()` calls still waiting for their response head.
+    pub(crate) open_fetches: usize,
+}
+
+/// Limits on the `fetch()` calls one request makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchLimits {
+    /// Subrequests per request (Workers: 50).
+    pub subrequests: usize,
+    /// Fetches waiting for their response at once (Workers: 6 connections).
+    pub concurrent: usize,
+    /// Largest declared response body.
+    pub response_bytes: u64,
+}
+
+impl Default for FetchLimits {
+    fn default() -> Self {
+        FetchLimits {
+            subrequests: 50,
+            concurrent: 6,
+            response_bytes: 100 * 1024 * 1024,
+        }
+    }
 }
 
 /// The isolate's end of the host bridge; lives in `OpState`.
@@ -124,6 +149,7 @@ pub struct HostBridge {
     pub(crate) pending: RefCell<HashMap<u32, Pending>>,
     pub(crate) boot: RefCell<Option<oneshot::Sender<Result<(), String>>>>,
     pub(crate) log: LogSink,
+    pub(crate) fetch_limits: std::cell::Cell<FetchLimits>,
 }
 
 /// The host's end of the bridge for one isolate.
@@ -146,12 +172,18 @@ impl HostBridge {
                 pending: RefCell::new(HashMap::new()),
                 boot: RefCell::new(Some(boot_tx)),
                 log,
+                fetch_limits: Default::default(),
             },
             HostHandle {
                 requests: req_tx,
                 booted: boot_rx,
             },
         )
+    }
+
+    /// Sets the limits on the `fetch()` calls of each request.
+    pub fn set_fetch_limits(&self, limits: FetchLimits) {
+        self.fetch_limits.set(limits);
     }
 
     /// Number of requests the isolate has taken but not finished.

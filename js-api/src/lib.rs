@@ -9,8 +9,8 @@ pub mod bridge;
 mod ops;
 
 pub use bridge::{
-    BodyChunks, FailureKind, HandlerError, HostBridge, HostHandle, IncomingRequest, LogLine,
-    LogSink, OutgoingBody, OutgoingResponse, RequestBody,
+    BodyChunks, FailureKind, FetchLimits, HandlerError, HostBridge, HostHandle, IncomingRequest,
+    LogLine, LogSink, OutgoingBody, OutgoingResponse, RequestBody,
 };
 
 deno_core::extension!(
@@ -26,6 +26,8 @@ deno_core::extension!(
         ops::op_atoll_request_done,
         ops::op_atoll_log,
         ops::op_atoll_boot_done,
+        ops::op_atoll_fetch_begin,
+        ops::op_atoll_fetch_end,
     ],
     esm_entry_point = "ext:atoll_api/bootstrap.js",
     esm = [dir "js", "bootstrap.js"],

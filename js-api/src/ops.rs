@@ -115,6 +115,8 @@ pub async fn op_atoll_next_request(state: Rc<RefCell<OpState>>) -> Option<Reques
             respond: Some(req.respond),
             body: None,
             done: Some(req.done),
+            subrequests: 0,
+            open_fetches: 0,
         },
     );
     Some(RequestHead {
@@ -278,6 +280,55 @@ pub fn op_atoll_log(state: &mut OpState, #[smi] level: u8, id: u32, #[string] me
         request_id,
         message: message.to_string(),
     });
+}
+
+/// Admits a `fetch()` of request `id`; returns why it is refused, or "".
+#[op2]
+#[string]
+pub fn op_atoll_fetch_begin(state: &mut OpState, id: u32) -> String {
+    let bridge = bridge(state);
+    let limits = bridge.fetch_limits.get();
+    let mut pending = bridge.pending.borrow_mut();
+    let Some(p) = pending.get_mut(&id) else {
+        return "fetch() can only be used while a request is being handled \
+                (in the handler or in work passed to ctx.waitUntil)"
+            .into();
+    };
+    if p.subrequests >= limits.subrequests {
+        return format!(
+            "this request already made {} subrequests, the most a request may make",
+            limits.subrequests
+        );
+    }
+    if p.open_fetches >= limits.concurrent {
+        return format!(
+            "this request already has {} fetches waiting for a response, the most it may have at once; \
+             await some of them first",
+            limits.concurrent
+        );
+    }
+    p.subrequests += 1;
+    p.open_fetches += 1;
+    String::new()
+}
+
+/// Ends a `fetch()` of request `id` begun by [`op_atoll_fetch_begin`];
+/// returns why its response is refused (a declared body over the limit;
+/// `declared_length` < 0 when none is declared), or "".
+#[op2]
+#[string]
+pub fn op_atoll_fetch_end(state: &mut OpState, id: u32, declared_length: f64) -> String {
+    let bridge = bridge(state);
+    if let Some(p) = bridge.pending.borrow_mut().get_mut(&id) {
+        p.open_fetches = p.open_fetches.saturating_sub(1);
+    }
+    let limit = bridge.fetch_limits.get().response_bytes;
+    if declared_length > limit as f64 {
+        return format!(
+            "the response body of {declared_length} bytes is larger than the limit of {limit} bytes"
+        );
+    }
+    String::new()
 }
 
 /// Reports the outcome of evaluating the tenant's entry module.

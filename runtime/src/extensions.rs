@@ -6,8 +6,12 @@
 
 use std::sync::Arc;
 
+/// Checks each outgoing fetch request before it is sent.
+pub type RequestCheck =
+    fn(&mut http::Request<deno_fetch::ReqBody>) -> Result<(), deno_error::JsErrorBox>;
+
 /// Deno's web platform extensions plus Atoll's handler API, in dependency order.
-pub fn extensions() -> Vec<deno_core::Extension> {
+pub fn extensions(check_fetch: Option<RequestCheck>) -> Vec<deno_core::Extension> {
     vec![
         deno_webidl::deno_webidl::init(),
         deno_web::deno_web::init(
@@ -19,6 +23,7 @@ pub fn extensions() -> Vec<deno_core::Extension> {
         deno_crypto::deno_crypto::init(None),
         deno_fetch::deno_fetch::init(deno_fetch::Options {
             user_agent: concat!("Atoll/", env!("CARGO_PKG_VERSION")).to_string(),
+            request_builder_hook: check_fetch,
             ..Default::default()
         }),
         atoll_js_api::deno_net::init(),

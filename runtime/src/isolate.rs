@@ -29,8 +29,9 @@ pub(crate) struct Isolate {
 }
 
 impl Isolate {
-    /// Deserializes a fresh isolate from the snapshot.
-    pub(crate) fn new(heap_limit: usize) -> Isolate {
+    /// Deserializes a fresh isolate from the snapshot; its `fetch()` uses
+    /// the node-wide `client`.
+    pub(crate) fn new(heap_limit: usize, client: &deno_fetch::Client) -> Isolate {
         let loader = Rc::new(BundleLoader::default());
         let owner: Rc<RefCell<Option<Arc<Deployment>>>> = Rc::new(RefCell::new(None));
         let sink_owner = owner.clone();
@@ -40,7 +41,7 @@ impl Isolate {
         let mut js = JsRuntime::new(RuntimeOptions {
             module_loader: Some(loader.clone()),
             startup_snapshot: Some(SNAPSHOT),
-            extensions: extensions(),
+            extensions: extensions(Some(crate::outbound::check_request)),
             residual_lazy_js_sources: RESIDUAL_LAZY_JS,
             residual_lazy_esm_sources: RESIDUAL_LAZY_ESM,
             // Atomics.wait would block the whole worker thread without using
@@ -60,7 +61,9 @@ impl Isolate {
             let state = js.op_state();
             let mut state = state.borrow_mut();
             state.put(bridge);
-            state.put(crate::outbound::no_network_permissions());
+            state.put(crate::outbound::isolate_permissions());
+            // deno_fetch uses a client found in the state instead of making its own.
+            state.put(client.clone());
         }
         let heap_exceeded = Arc::new(AtomicBool::new(false));
         let flag = heap_exceeded.clone();
@@ -124,6 +127,11 @@ impl Isolate {
 
     fn boot_entered(&mut self, deployment: &Arc<Deployment>) -> Result<(), String> {
         self.loader.assign(deployment.bundle.clone());
+        self.js
+            .op_state()
+            .borrow()
+            .borrow::<HostBridge>()
+            .set_fetch_limits(deployment.limits.fetch);
         *self.owner.borrow_mut() = Some(deployment.clone());
         let entry = serde_json::to_string(&deployment.bundle.entry).map_err(|e| e.to_string())?;
         let env = serde_json::to_string(&deployment.env_json()).map_err(|e| e.to_string())?;

@@ -22,11 +22,12 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-pub use atoll_js_api::{FailureKind, OutgoingBody, OutgoingResponse, RequestBody};
+pub use atoll_js_api::{FailureKind, FetchLimits, OutgoingBody, OutgoingResponse, RequestBody};
 pub use atoll_protocol::Bundle;
 pub use deno_core::ByteString;
 pub use deployment::Deployment;
 pub use limits::{LimitKind, Limits};
+pub use outbound::{Allowance, Blocked, OutboundConfig, OutboundError, classify};
 pub use tenant::IsolateInfo;
 pub use worker::WorkerStats;
 
@@ -60,6 +61,8 @@ pub struct RuntimeConfig {
     /// Memory all tenant isolates together may hold; past it, idle isolates
     /// are evicted least recently used first. Split evenly between threads.
     pub memory_budget_bytes: usize,
+    /// How handlers' `fetch()` reaches the network.
+    pub outbound: OutboundConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -71,6 +74,7 @@ impl Default for RuntimeConfig {
             pool_per_thread: 4,
             default_heap_bytes: Limits::default().heap_bytes,
             memory_budget_bytes: 1024 * 1024 * 1024,
+            outbound: OutboundConfig::default(),
         }
     }
 }
@@ -120,8 +124,14 @@ impl DispatchError {
 
 /// Failed to start the runtime.
 #[derive(Debug, thiserror::Error)]
-#[error("could not start the runtime: {0}")]
-pub struct StartError(#[from] std::io::Error);
+pub enum StartError {
+    /// A thread could not be started.
+    #[error("could not start the runtime: {0}")]
+    Io(#[from] std::io::Error),
+    /// The outbound client could not be set up.
+    #[error(transparent)]
+    Outbound(#[from] OutboundError),
+}
 
 /// The isolate engine: worker threads and the tenants scheduled on them.
 pub struct Runtime {
@@ -133,11 +143,18 @@ impl Runtime {
     pub fn start(config: RuntimeConfig) -> Result<Runtime, StartError> {
         let watchdog = CpuWatchdog::start()?;
         let threads = config.threads.max(1);
+        // deno_fetch's TLS asks rustls for the process default provider,
+        // and more than one is linked in: pick the one the node uses.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let client = outbound::client(&config.outbound)?;
+        let allowance = Arc::new(config.outbound.allow.clone());
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
             workers.push(worker::spawn(
                 i,
                 worker::WorkerConfig {
+                    client: client.clone(),
+                    allowance: allowance.clone(),
                     pool_target: config.pool_per_thread,
                     default_heap: config.default_heap_bytes,
                     memory_budget: config.memory_budget_bytes / threads,

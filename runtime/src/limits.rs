@@ -28,6 +28,8 @@ pub struct Limits {
     pub max_concurrent: usize,
     /// Requests that may wait for a free slot; beyond that they get 503.
     pub max_queued: usize,
+    /// Limits on each request's outbound `fetch()` calls.
+    pub fetch: atoll_js_api::FetchLimits,
 }
 
 impl Default for Limits {
@@ -40,6 +42,7 @@ impl Default for Limits {
             heap_bytes: 128 * 1024 * 1024,
             max_concurrent: 128,
             max_queued: 256,
+            fetch: atoll_js_api::FetchLimits::default(),
         }
     }
 }

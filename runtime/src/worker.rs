@@ -53,8 +53,12 @@ pub struct WorkerStats {
 const BUDGET_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// How a worker thread is sized.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct WorkerConfig {
+    /// The node-wide outbound HTTP client.
+    pub(crate) client: deno_fetch::Client,
+    /// Private addresses handlers may reach anyway.
+    pub(crate) allowance: Arc<crate::outbound::Allowance>,
     pub(crate) pool_target: usize,
     pub(crate) default_heap: usize,
     /// Memory this worker's tenant isolates may hold before idle ones are evicted.
@@ -96,6 +100,7 @@ pub(crate) fn spawn(
                     return;
                 }
             };
+            crate::outbound::install_on_thread(config.allowance.clone());
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 let worker = Rc::new(Worker {
@@ -231,7 +236,7 @@ impl Worker {
             Some(isolate) => isolate,
             None => {
                 self.pool_misses.set(self.pool_misses.get() + 1);
-                Isolate::new(heap)
+                Isolate::new(heap, &self.config.client)
             }
         }
     }
@@ -266,7 +271,7 @@ async fn refill_pool(worker: Rc<Worker>) {
     loop {
         while worker.pool.borrow().len() < worker.config.pool_target {
             tokio::task::yield_now().await;
-            let isolate = Isolate::new(worker.config.default_heap);
+            let isolate = Isolate::new(worker.config.default_heap, &worker.config.client);
             worker.pool.borrow_mut().push(isolate);
         }
         worker.refill.notified().await;

@@ -10,3 +10,4 @@ mod dev_reload;
 mod dev_streaming;
 mod node_config;
 mod node_lifecycle;
+mod node_outbound;

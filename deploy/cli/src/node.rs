@@ -122,6 +122,7 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         if let Some(t) = config.threads {
             runtime_config.threads = t;
         }
+        runtime_config.outbound = config.outbound.clone();
         if let Some(b) = config.isolate_memory_bytes {
             runtime_config.memory_budget_bytes = b;
         }
