@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use atoll_edge_node::{EdgeNode, HostPattern, Routes, ServerLimits, parse_route};
-use atoll_runtime::{Deployment, Limits, Runtime, RuntimeConfig};
+use atoll_runtime::{Allowance, Deployment, Limits, Runtime, RuntimeConfig};
 use notify::{RecursiveMode, Watcher};
 use tokio::net::TcpListener;
 
@@ -52,6 +52,10 @@ pub struct DevArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Let handlers' fetch() reach this private host, address or network
+    /// (e.g. 127.0.0.1, 10.0.0.0/8, api.internal); repeatable.
+    #[arg(long = "allow-outbound", value_name = "HOST|IP|CIDR")]
+    allow_outbound: Vec<String>,
     /// Don't rebuild on file changes.
     #[arg(long)]
     no_watch: bool,
@@ -187,6 +191,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         if let Some(t) = args.threads {
             config.threads = t;
         }
+        config.outbound.allow = Allowance::parse(&args.allow_outbound)
+            .map_err(|e| anyhow::anyhow!("--allow-outbound: {e}"))?;
         let runtime = Arc::new(Runtime::start(config)?);
         let node = EdgeNode::with_limits(
             runtime,

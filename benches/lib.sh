@@ -1,0 +1,150 @@
+# Shared by the comparison benchmarks: tools, servers pinned to a core, wrk.
+# Source it after setting the defaults below if needed.
+set -euo pipefail
+
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+WARMUP=${WARMUP:-3s}
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+DENO_VERSION=${DENO_VERSION:-2.9.6}
+WORKERD_VERSION=${WORKERD_VERSION:-1.20261117.1}
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+tools="$root/target/bench-tools"
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+need_apt() {
+  command -v "$1" >/dev/null && return
+  step "installing $2 with apt-get"
+  if [ "$(id -u)" = 0 ]; then apt-get install -y -q "$2" >&2; else sudo apt-get install -y -q "$2" >&2; fi
+}
+
+# Installs wrk, taskset, deno and workerd (from npm, into target/bench-tools)
+# and builds atoll in release mode. Sets $deno, $workerd, $atoll.
+setup_tools() {
+  need_apt wrk wrk
+  need_apt taskset util-linux
+  need_apt curl curl
+  if [ ! -x "$tools/node_modules/.bin/deno" ] || [ ! -x "$tools/node_modules/.bin/workerd" ] ||
+     ! grep -q "\"version\": \"$DENO_VERSION\"" "$tools/node_modules/deno/package.json" 2>/dev/null ||
+     ! grep -q "\"version\": \"$WORKERD_VERSION\"" "$tools/node_modules/workerd/package.json" 2>/dev/null; then
+    step "installing deno@$DENO_VERSION and workerd@$WORKERD_VERSION from npm into $tools"
+    mkdir -p "$tools"
+    (cd "$tools" && npm install --no-audit --no-fund --loglevel=error \
+      "deno@$DENO_VERSION" "workerd@$WORKERD_VERSION" >&2)
+  fi
+  deno="$tools/node_modules/.bin/deno"
+  workerd="$tools/node_modules/.bin/workerd"
+  local archive="$root/../shared/v8/librusty_v8_release_x86_64-unknown-linux-gnu.a.gz"
+  if [ -z "${RUSTY_V8_ARCHIVE:-}" ] && [ -f "$archive" ]; then
+    RUSTY_V8_ARCHIVE="$(realpath "$archive")"
+    export RUSTY_V8_ARCHIVE
+  fi
+  step "building atoll (release; the first build takes a while)"
+  (cd "$root" && cargo build --release --quiet --bin atoll)
+  atoll="$root/target/release/atoll"
+}
+
+# Waits until http://127.0.0.1:$1/ answers; shows $2's log if it never does.
+wait_up() {
+  local port=$1 name=$2 i
+  for i in $(seq 1 200); do
+    if curl -fsS "http://127.0.0.1:$port/" -o /dev/null 2>/dev/null; then return; fi
+    sleep 0.05
+  done
+  echo "$name did not come up on port $port; its log:" >&2
+  cat "$work/$name.log" >&2
+  exit 1
+}
+
+# Starts `$@` in $work on CPU $1 in the background, logging to $work/$2.log.
+start_pinned() {
+  local cpu=$1 name=$2
+  shift 2
+  (cd "$work" && exec taskset -c "$cpu" "$@" >"$work/$name.log" 2>&1) &
+  pids+=($!)
+  last_pid=$!
+}
+
+# Converts wrk's "1.23ms" / "850.00us" / "1.01s" to milliseconds.
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0
+    if (v ~ /us$/) n = n / 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n = n * 1000
+    printf "%.3f", n }'
+}
+
+declare -A rps p50 p99
+# run NAME PORT CMD...: starts the server pinned to $SERVER_CPU, warms it up,
+# then loads it with wrk pinned to $CLIENT_CPU and records the results.
+run() {
+  local name=$1 port=$2
+  shift 2
+  step "$name: $*"
+  start_pinned "$SERVER_CPU" "$name" "$@"
+  local pid=$last_pid
+  wait_up "$port" "$name"
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "http://127.0.0.1:$port/" >/dev/null
+  local out
+  out=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "http://127.0.0.1:$port/")
+  echo "$out" >&2
+  rps[$name]=$(echo "$out" | awk '/^Requests\/sec:/ { print $2 }')
+  p50[$name]=$(to_ms "$(echo "$out" | awk '$1 == "50%" { print $2 }')")
+  p99[$name]=$(to_ms "$(echo "$out" | awk '$1 == "99%" { print $2 }')")
+  if echo "$out" | grep -q "Non-2xx\|Socket errors"; then
+    echo "warning: $name had errors (see above)" >&2
+  fi
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+# Prints the table for servers "$@" and atoll's ratio to each other one.
+report() {
+  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%Y-%m-%d)"
+  printf '%-10s %12s %10s %10s\n' server "requests/s" "p50 ms" "p99 ms"
+  local s
+  for s in "$@"; do
+    printf '%-10s %12s %10s %10s\n' "$s" "${rps[$s]}" "${p50[$s]}" "${p99[$s]}"
+  done
+  echo
+  for s in "$@"; do
+    [ "$s" = atoll ] && continue
+    awk -v a="${rps[atoll]}" -v b="${rps[$s]}" -v pa="${p99[atoll]}" -v pb="${p99[$s]}" -v s="$s" \
+      'BEGIN { printf "atoll / %-8s %.2fx requests/s, p99 %.2fx\n", s ":", a / b, pa / pb }'
+  done
+}
+
+# A node.toml serving $work/$1 for every host on port $2, one worker thread,
+# with extra config $3.
+atoll_config() {
+  cat >"$work/node.toml" <<TOML
+[node]
+threads = 1
+
+[[listen]]
+addr = "127.0.0.1:$2"
+
+[admin]
+addr = "127.0.0.1:0"
+
+[[scripts]]
+name = "bench"
+entry = "$1"
+
+[[routes]]
+pattern = "*"
+script = "bench"
+
+${3:-}
+TOML
+}
