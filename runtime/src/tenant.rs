@@ -224,19 +224,9 @@ async fn run(
     watch: Arc<CpuWatch>,
     cpu_counter: Rc<Cell<Duration>>,
 ) {
+    let end = EndGuard(state.clone());
     let (kind, detail) = drive(&mut isolate, &deployment, &state, &watch, &cpu_counter).await;
-    let queued = {
-        let mut st = state.borrow_mut();
-        st.ended = true;
-        std::mem::take(&mut st.queue)
-    };
-    for q in queued {
-        // These never ran here: whatever ended the isolate is not theirs.
-        let _ = q.incoming.respond.send(Err(HandlerError {
-            kind: FailureKind::Unavailable,
-            detail: format!("the isolate ended while the request waited for it: {detail}"),
-        }));
-    }
+    drop(end);
     match kind {
         FailureKind::Unavailable => tracing::debug!("isolate retired: {detail}"),
         FailureKind::Startup => tracing::error!("script failed to start: {detail}"),
@@ -248,6 +238,29 @@ async fn run(
         op_state.borrow::<HostBridge>().fail_all(kind, &detail);
     }
     drop(isolate);
+}
+
+/// Marks the slot ended when its task stops, even by a panic, so the worker
+/// starts a fresh isolate instead of queueing into a dead one; fails the
+/// requests still queued (they never ran here, so whatever ended the
+/// isolate is not theirs).
+struct EndGuard(Rc<RefCell<SlotState>>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        // A panic may have left the state borrowed; then the requests are
+        // failed when their senders drop with it.
+        let Ok(mut st) = self.0.try_borrow_mut() else {
+            return;
+        };
+        st.ended = true;
+        for q in st.queue.drain(..) {
+            let _ = q.incoming.respond.send(Err(HandlerError {
+                kind: FailureKind::Unavailable,
+                detail: "the isolate ended before the request could start".into(),
+            }));
+        }
+    }
 }
 
 /// Runs the isolate until it ends; returns why.
