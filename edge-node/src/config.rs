@@ -311,19 +311,18 @@ impl NodeConfig {
                 )
             })
             .transpose()?;
-        for a in &file.outbound.allow {
-            Allowance::parse(&[a.get_ref()])
-                .map_err(|e| invalid(a.span(), format!("outbound.allow: {e}")))?;
-        }
-        let allow = Allowance::parse(
-            &file
-                .outbound
-                .allow
-                .iter()
-                .map(|a| a.get_ref().as_str())
-                .collect::<Vec<_>>(),
-        )
-        .map_err(|e| invalid(0..0, format!("outbound.allow: {e}")))?;
+        let allow_entries: Vec<&str> = file
+            .outbound
+            .allow
+            .iter()
+            .map(|a| a.get_ref().as_str())
+            .collect();
+        let allow = Allowance::parse(&allow_entries).map_err(|e| {
+            invalid(
+                file.outbound.allow[e.index].span(),
+                format!("outbound.allow: {e}"),
+            )
+        })?;
         let mut nameservers = Vec::new();
         for ns in &file.outbound.nameservers {
             let addr = ns

@@ -27,7 +27,7 @@ pub use atoll_protocol::Bundle;
 pub use deno_core::ByteString;
 pub use deployment::Deployment;
 pub use limits::{LimitKind, Limits};
-pub use outbound::{Allowance, Blocked, OutboundConfig, OutboundError, classify};
+pub use outbound::{Allowance, BadAllowance, Blocked, OutboundConfig, OutboundError, classify};
 pub use tenant::IsolateInfo;
 pub use worker::WorkerStats;
 

@@ -318,7 +318,7 @@ async fn drive(
         };
         let t0 = thread_cpu_time();
         watch.arm(budget, handle.clone(), terminated.clone());
-        let (polled, heap) = isolate.run(|iso| {
+        let (polled, memory) = isolate.run(|iso| {
             let polled = iso.js.poll_event_loop(cx, PollEventLoopOptions::default());
             (polled, iso.memory())
         });
@@ -328,7 +328,7 @@ async fn drive(
         {
             let mut st = state.borrow_mut();
             st.cpu_total += used;
-            (st.heap_used, st.memory) = heap;
+            (st.heap_used, st.memory) = memory;
             if booted.is_some() {
                 // Startup has its own budget; requests waiting for it are not charged.
                 startup_cpu += used;

@@ -96,6 +96,15 @@ impl Dev {
         format!("{}{}", self.base, path)
     }
 
+    /// The listening socket address (of an `http://` or `https://` base).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.base
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .parse()
+            .expect("listening address")
+    }
+
     /// The admin listener's base URL, as `atoll node` printed it.
     pub fn admin(&self) -> String {
         self.out()

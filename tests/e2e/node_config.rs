@@ -251,11 +251,7 @@ script = "b"
         ),
     ]);
     assert!(node.base.starts_with("https://"), "{}", node.base);
-    let addr: std::net::SocketAddr = node
-        .base
-        .trim_start_matches("https://")
-        .parse()
-        .expect("address");
+    let addr = node.addr();
     let trusting = |ca: &str| {
         reqwest::Client::builder()
             .no_proxy()
@@ -326,11 +322,7 @@ async fn https_without_certificates_generates_a_development_one() {
         .expect("the generated certificate is announced");
     let path = line.rsplit(": ").next().expect("path").trim();
     let pem = std::fs::read(path).expect("the certificate file exists");
-    let addr: std::net::SocketAddr = node
-        .base
-        .trim_start_matches("https://")
-        .parse()
-        .expect("address");
+    let addr = node.addr();
     let c = reqwest::Client::builder()
         .no_proxy()
         .use_rustls_tls()

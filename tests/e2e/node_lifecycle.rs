@@ -300,11 +300,7 @@ script = "cold"
         ),
     ]);
     let c = client();
-    let addr: std::net::SocketAddr = node
-        .base
-        .trim_start_matches("https://")
-        .parse()
-        .expect("address");
+    let addr = node.addr();
 
     // Only the TLS handshake: no HTTP request yet.
     let mut roots = rustls::RootCertStore::empty();

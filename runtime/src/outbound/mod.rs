@@ -14,7 +14,7 @@ use deno_permissions::{
     Permissions, PermissionsContainer, PermissionsOptions, RuntimePermissionDescriptorParser,
 };
 
-pub use policy::{Allowance, Blocked, classify};
+pub use policy::{Allowance, BadAllowance, Blocked, classify};
 
 /// How handlers reach the network.
 #[derive(Debug, Clone, Default)]

@@ -146,6 +146,16 @@ fn embedded_v4(hi: u16, lo: u16) -> Ipv4Addr {
     Ipv4Addr::new(a, b, c, d)
 }
 
+/// An allowance entry that is not a name, an address or a network.
+#[derive(Debug, thiserror::Error)]
+#[error("{entry:?} is not a host name, an IP address or a network like 10.0.0.0/8")]
+pub struct BadAllowance {
+    /// Position of the entry in the list.
+    pub index: usize,
+    /// The entry.
+    pub entry: String,
+}
+
 /// Exceptions an operator grants for development: hosts and networks
 /// handlers may reach even though they are private.
 #[derive(Debug, Clone, Default)]
@@ -157,9 +167,9 @@ pub struct Allowance {
 impl Allowance {
     /// Parses `entries`: each a host name (`api.internal`), an address
     /// (`127.0.0.1`) or a network (`10.1.0.0/16`).
-    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Allowance, String> {
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Allowance, BadAllowance> {
         let mut out = Allowance::default();
-        for e in entries {
+        for (index, e) in entries.iter().enumerate() {
             let e = e.as_ref().trim();
             if let Ok(net) = e.parse::<IpNet>() {
                 out.nets.push(net);
@@ -172,9 +182,10 @@ impl Allowance {
             {
                 out.hosts.push(e.to_ascii_lowercase());
             } else {
-                return Err(format!(
-                    "{e:?} is not a host name, an IP address or a network like 10.0.0.0/8"
-                ));
+                return Err(BadAllowance {
+                    index,
+                    entry: e.to_string(),
+                });
             }
         }
         Ok(out)
@@ -287,7 +298,8 @@ mod tests {
             Err(Blocked::CloudMetadata)
         );
         assert_eq!(a.check(Some("example.com"), ip("93.184.216.34")), Ok(()));
-        assert!(Allowance::parse(&["*.internal"]).is_err());
+        let bad = Allowance::parse(&["10.0.0.1", "*.internal"]).expect_err("wildcard");
+        assert_eq!((bad.index, bad.entry.as_str()), (1, "*.internal"));
         assert!(Allowance::parse(&["http://x"]).is_err());
         assert!(Allowance::default().is_empty());
     }
