@@ -21,7 +21,8 @@ struct Histogram {
 
 #[derive(Default)]
 struct Inner {
-    requests: BTreeMap<(String, u16), u64>,
+    /// Requests by tenant, then status.
+    requests: BTreeMap<String, BTreeMap<u16, u64>>,
     latency: BTreeMap<String, Histogram>,
     limit_terminations: BTreeMap<(String, &'static str), u64>,
     unrouted: u64,
@@ -42,8 +43,17 @@ impl Metrics {
     /// Records a request answered for `tenant`.
     pub fn request(&self, tenant: &str, status: u16, elapsed: Duration) {
         let mut m = self.lock();
-        *m.requests.entry((tenant.to_string(), status)).or_default() += 1;
-        let h = m.latency.entry(tenant.to_string()).or_default();
+        // Looked up by reference first: after a tenant's first request the
+        // hot path allocates nothing.
+        let by_status = match m.requests.get_mut(tenant) {
+            Some(s) => s,
+            None => m.requests.entry(tenant.to_string()).or_default(),
+        };
+        *by_status.entry(status).or_default() += 1;
+        let h = match m.latency.get_mut(tenant) {
+            Some(h) => h,
+            None => m.latency.entry(tenant.to_string()).or_default(),
+        };
         let secs = elapsed.as_secs_f64();
         for (i, le) in BUCKETS.iter().enumerate() {
             if secs <= *le {
@@ -77,7 +87,11 @@ impl Metrics {
             "# HELP atoll_requests_total Requests answered, by tenant and status."
         );
         let _ = writeln!(out, "# TYPE atoll_requests_total counter");
-        for ((tenant, status), n) in &m.requests {
+        for (tenant, status, n) in m
+            .requests
+            .iter()
+            .flat_map(|(t, by)| by.iter().map(move |(s, n)| (t, s, n)))
+        {
             let _ = writeln!(
                 out,
                 "atoll_requests_total{{tenant=\"{}\",status=\"{status}\"}} {n}",

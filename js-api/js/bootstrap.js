@@ -10,15 +10,17 @@ import {
   op_atoll_fetch_begin,
   op_atoll_fetch_end,
   op_atoll_log,
-  op_atoll_next_request,
   op_atoll_request_done,
+  op_atoll_request_headers,
   op_atoll_respond,
   op_atoll_respond_error,
   op_atoll_respond_stream,
+  op_atoll_respond_text,
 } from "ext:core/ops";
 
 const {
   ArrayPrototypePush,
+  ArrayPrototypeSlice,
   Error,
   ErrorPrototype,
   FunctionPrototypeCall,
@@ -93,8 +95,23 @@ const fetchMod = core.loadExtScript("ext:deno_fetch/26_fetch.js");
 // ---------------------------------------------------------------------------
 // Console: every line goes to the host tagged with the request it belongs to.
 
-/** The id of the request whose handler (or its continuations) is running. */
-const currentRequest = new core.AsyncVariable();
+/**
+ * Marks what runs for one request. Set as V8's continuation-preserved data
+ * while its handler runs, so promise continuations and timers created then
+ * carry it. Cheaper than `core.AsyncVariable` (no null-prototype copy, no
+ * WeakMap entry per request), and compatible with it: an AsyncVariable
+ * entered later spreads this object's own `atollRequest` into its mapping.
+ */
+class RequestScope {
+  constructor(id) {
+    this.atollRequest = id;
+  }
+}
+
+/** The id of the request whose handler (or its continuations) is running, or 0. */
+function currentRequestId() {
+  return core.getAsyncContext()?.atollRequest ?? 0;
+}
 
 // ---------------------------------------------------------------------------
 // Outbound fetch: the host counts each request's subrequests and open
@@ -104,7 +121,7 @@ const currentRequest = new core.AsyncVariable();
 const innerFetch = fetchMod.fetch;
 /** `fetch()` as handlers see it. */
 function fetch(input, init = undefined) {
-  const id = currentRequest.get() ?? 0;
+  const id = currentRequestId();
   const refusal = op_atoll_fetch_begin(id);
   if (refusal !== "") return PromiseReject(new TypeError(refusal));
   let pending;
@@ -154,7 +171,7 @@ const tenantConsole = new consoleMod.Console((msg, level) => {
   const text = StringPrototypeEndsWith(msg, "\n")
     ? StringPrototypeSlice(msg, 0, -1)
     : msg;
-  op_atoll_log(level, currentRequest.get() ?? 0, text);
+  op_atoll_log(level, currentRequestId(), text);
 });
 
 // ---------------------------------------------------------------------------
@@ -304,7 +321,74 @@ ObjectDefineProperties(globalThis, {
 
 const { InnerBody } = body;
 const { readableStreamForRid, isReadableStream } = streams;
-const { newInnerRequest, fromInnerRequest } = request;
+const { fromInnerRequest } = request;
+
+/**
+ * An incoming request's inner state, in the shape deno_fetch's `Request`
+ * expects (the fields of its `newInnerRequest`). A class, so every request
+ * shares one hidden class instead of defining accessors per object; headers
+ * are fetched from the host only when the handler first reads them.
+ */
+class IncomingInnerRequest {
+  constructor(id, method, url, body) {
+    this.id = id;
+    this.method = method;
+    this.headerListInner = null;
+    this.body = body;
+    this.redirectMode = "follow";
+    this.redirectCount = 0;
+    this.urlList = [() => url];
+    this.urlListProcessed = [url];
+    this.clientRid = null;
+    this.blobUrlEntry = null;
+  }
+
+  get headerList() {
+    if (this.headerListInner === null) {
+      try {
+        this.headerListInner = op_atoll_request_headers(this.id);
+      } catch {
+        throw new TypeError("Cannot read headers: request closed");
+      }
+    }
+    return this.headerListInner;
+  }
+
+  set headerList(value) {
+    this.headerListInner = value;
+  }
+
+  url() {
+    return this.urlListProcessed[0];
+  }
+
+  currentUrl() {
+    const i = this.urlList.length - 1;
+    if (this.urlListProcessed[i] === undefined) {
+      this.urlListProcessed[i] = this.urlList[i]();
+    }
+    return this.urlListProcessed[i];
+  }
+}
+
+/** Reads an ExecutionContext's waitUntil promises (null if none). */
+let waitUntilPromises;
+
+/** The `ctx` handed to `fetch(request, env, ctx)`. */
+class ExecutionContext {
+  #pending = null;
+
+  static {
+    waitUntilPromises = (ctx) => ctx.#pending;
+  }
+
+  waitUntil(p) {
+    if (this.#pending === null) this.#pending = [];
+    ArrayPrototypePush(this.#pending, PromiseResolve(p));
+  }
+
+  passThroughOnException() {}
+}
 const { ResponsePrototype, toInnerResponse } = response;
 
 /** `export default { fetch }` of the tenant's entry module, if any. */
@@ -331,7 +415,7 @@ function invokeHandler(req, ctx) {
   if (moduleHandler !== null) {
     return FunctionPrototypeCall(moduleHandler.fetch, moduleHandler, req, env, ctx);
   }
-  const ev = new FetchEvent("fetch", { request: req, waitUntil: ctx.waitUntil });
+  const ev = new FetchEvent("fetch", { request: req, waitUntil: (p) => ctx.waitUntil(p) });
   for (let i = 0; i < fetchListeners.length; i++) {
     const l = fetchListeners[i];
     if (typeof l === "function") FunctionPrototypeCall(l, globalThis, ev);
@@ -377,7 +461,11 @@ async function streamBody(id, stream) {
 
 const EMPTY = new Uint8Array(0);
 
-async function sendResponse(id, resp) {
+/**
+ * Sends `resp` as request `id`'s response. Returns a promise while a
+ * streamed body is still being written, otherwise undefined.
+ */
+function sendResponse(id, resp) {
   if (!ObjectPrototypeIsPrototypeOf(ResponsePrototype, resp)) {
     throw new TypeError(
       `the handler returned ${
@@ -393,83 +481,87 @@ async function sendResponse(id, resp) {
   const headerList = inner.headerList;
   if (inner.body === null) {
     op_atoll_respond(id, status, headerList, EMPTY);
-    return;
+    return undefined;
   }
   const src = inner.body.streamOrStatic;
   if (!isReadableStream(src)) {
     if (src.consumed) throw new TypeError("the response body was already used");
     src.consumed = true;
-    const bytes = typeof src.body === "string" ? core.encode(src.body) : src.body;
-    op_atoll_respond(id, status, headerList, bytes);
-    return;
+    if (typeof src.body === "string") {
+      op_atoll_respond_text(id, status, headerList, src.body);
+    } else {
+      op_atoll_respond(id, status, headerList, src.body);
+    }
+    return undefined;
   }
   op_atoll_respond_stream(id, status, headerList);
-  await streamBody(id, src);
+  return streamBody(id, src);
 }
 
-function handle(head) {
-  const id = head.id;
-  const reqBody = head.bodyRid === null
-    ? null
-    : new InnerBody(readableStreamForRid(head.bodyRid));
-  const headerList = head.headers;
-  const inner = newInnerRequest(head.method, head.url, () => headerList, reqBody, false);
-  const req = fromInnerRequest(inner, "immutable");
-  const pending = [];
-  const ctx = {
-    waitUntil(p) {
-      ArrayPrototypePush(pending, PromiseResolve(p));
-    },
-    passThroughOnException() {},
-  };
-
-  const previous = currentRequest.enter(id);
-  let result;
+/** Sends the handler's response, then waits for its waitUntil work. */
+async function finish(id, result, ctx) {
   try {
+    const streaming = sendResponse(id, await result);
+    if (streaming !== undefined) await streaming;
+  } catch (e) {
+    op_atoll_respond_error(id, formatError(e));
+  }
+  // waitUntil() may be called again while earlier promises settle.
+  let settled = 0;
+  let pending = waitUntilPromises(ctx);
+  while (pending !== null && settled < pending.length) {
+    const batch = ArrayPrototypeSlice(pending, settled);
+    settled = pending.length;
+    const outcomes = await SafePromiseAllSettled(batch);
+    for (let i = 0; i < outcomes.length; i++) {
+      if (outcomes[i].status === "rejected") {
+        tenantConsole.error(
+          "ctx.waitUntil() promise rejected:",
+          outcomes[i].reason,
+        );
+      }
+    }
+    pending = waitUntilPromises(ctx);
+  }
+  op_atoll_request_done(id);
+}
+
+/**
+ * Runs request `id` (called by the host, once per request): builds the
+ * Request, calls the handler and starts `finish`.
+ */
+function handle(id, method, url, bodyRid) {
+  const reqBody = bodyRid === null
+    ? null
+    : new InnerBody(readableStreamForRid(bodyRid));
+  const req = fromInnerRequest(
+    new IncomingInnerRequest(id, method, url, reqBody),
+    "immutable",
+  );
+  const ctx = new ExecutionContext();
+  const previous = core.getAsyncContext();
+  core.setAsyncContext(new RequestScope(id));
+  try {
+    let result;
     try {
       result = PromiseResolve(invokeHandler(req, ctx));
     } catch (e) {
-      result = new Promise((_, reject) => reject(e));
+      result = PromiseReject(e);
     }
-    (async () => {
-      try {
-        await sendResponse(id, await result);
-      } catch (e) {
-        op_atoll_respond_error(id, formatError(e));
-      }
-      // waitUntil() may be called again while earlier promises settle.
-      let settled = 0;
-      while (settled < pending.length) {
-        const batch = pending.slice(settled);
-        settled = pending.length;
-        const outcomes = await SafePromiseAllSettled(batch);
-        for (let i = 0; i < outcomes.length; i++) {
-          if (outcomes[i].status === "rejected") {
-            tenantConsole.error(
-              "ctx.waitUntil() promise rejected:",
-              outcomes[i].reason,
-            );
-          }
-        }
-      }
-      op_atoll_request_done(id);
-    })();
+    finish(id, result, ctx);
   } finally {
     core.setAsyncContext(previous);
   }
 }
 
-async function serve() {
-  while (true) {
-    const head = await op_atoll_next_request();
-    if (head === null) return;
-    try {
-      handle(head);
-    } catch (e) {
-      // Only a poisoned environment gets here; keep serving the others.
-      op_atoll_respond_error(head.id, formatError(e));
-      op_atoll_request_done(head.id);
-    }
+/** The host's entry point for each request. */
+function dispatch(id, method, url, bodyRid) {
+  try {
+    handle(id, method, url, bodyRid);
+  } catch (e) {
+    // Only a poisoned environment gets here; keep serving the others.
+    op_atoll_respond_error(id, formatError(e));
+    op_atoll_request_done(id);
   }
 }
 
@@ -497,7 +589,6 @@ async function boot(entry, envJson) {
     return;
   }
   op_atoll_boot_done(null);
-  serve();
 }
 
 /**
@@ -513,9 +604,10 @@ function prepare() {
   return boot;
 }
 
-// The host calls `prepare` through this symbol once per isolate and keeps
-// `boot` under a second symbol until a tenant takes the isolate; both are
-// deleted before any tenant code runs.
+// The host calls `prepare` through this symbol once per isolate, which
+// returns `dispatch` (the host keeps it) and keeps `boot` under a second
+// symbol until a tenant takes the isolate; both symbols are deleted before
+// any tenant code runs.
 ObjectDefineProperty(globalThis, Symbol.for("atoll.prepare"), {
   value: () => {
     delete globalThis[Symbol.for("atoll.prepare")];
@@ -525,6 +617,7 @@ ObjectDefineProperty(globalThis, Symbol.for("atoll.prepare"), {
       enumerable: false,
       writable: false,
     });
+    return dispatch;
   },
   configurable: true,
   enumerable: false,
@@ -548,13 +641,8 @@ core.setReportExceptionCallback((error) => {
 // state are called and nothing created here outlives the snapshot.
 function warmUpRequestPath() {
   const headerList = [["content-type", "text/plain"], ["x-warm", "1"]];
-  const inner = newInnerRequest(
-    "POST",
-    "http://warmup.invalid/path?q=1",
-    () => headerList,
-    null,
-    false,
-  );
+  const inner = new IncomingInnerRequest(0, "POST", "http://warmup.invalid/path?q=1", null);
+  inner.headerList = headerList;
   const req = fromInnerRequest(inner, "immutable");
   const url = new URL(req.url);
   const seen = [req.method, url.pathname, url.searchParams.get("q"), req.headers.get("x-warm")];

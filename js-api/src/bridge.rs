@@ -110,6 +110,9 @@ pub type LogSink = Rc<dyn Fn(LogLine)>;
 
 pub(crate) struct Pending {
     pub(crate) request_id: String,
+    /// The request's headers until JS first asks for them (most handlers
+    /// never do, so they are not converted up front).
+    pub(crate) headers: Option<Vec<(ByteString, ByteString)>>,
     /// The request body resource, closed when the request finishes so an
     /// unread upload does not hold the client's connection.
     pub(crate) body_rid: Option<deno_core::ResourceId>,
@@ -145,7 +148,6 @@ impl Default for FetchLimits {
 
 /// The isolate's end of the host bridge; lives in `OpState`.
 pub struct HostBridge {
-    pub(crate) inbox: Rc<tokio::sync::Mutex<mpsc::UnboundedReceiver<IncomingRequest>>>,
     pub(crate) pending: RefCell<HashMap<u32, Pending>>,
     pub(crate) boot: RefCell<Option<oneshot::Sender<Result<(), String>>>>,
     pub(crate) log: LogSink,
@@ -154,8 +156,6 @@ pub struct HostBridge {
 
 /// The host's end of the bridge for one isolate.
 pub struct HostHandle {
-    /// Sends requests into the isolate.
-    pub requests: mpsc::UnboundedSender<IncomingRequest>,
     /// Resolves when the tenant's module has been evaluated (or failed to).
     pub booted: oneshot::Receiver<Result<(), String>>,
 }
@@ -164,20 +164,15 @@ impl HostBridge {
     /// Creates both ends of a bridge. Put the [`HostBridge`] into the
     /// isolate's `OpState`; keep the [`HostHandle`].
     pub fn new(log: LogSink) -> (HostBridge, HostHandle) {
-        let (req_tx, req_rx) = mpsc::unbounded_channel();
         let (boot_tx, boot_rx) = oneshot::channel();
         (
             HostBridge {
-                inbox: Rc::new(tokio::sync::Mutex::new(req_rx)),
                 pending: RefCell::new(HashMap::new()),
                 boot: RefCell::new(Some(boot_tx)),
                 log,
                 fetch_limits: Default::default(),
             },
-            HostHandle {
-                requests: req_tx,
-                booted: boot_rx,
-            },
+            HostHandle { booted: boot_rx },
         )
     }
 
@@ -197,15 +192,6 @@ impl HostBridge {
         let ids: Vec<u32> = self.pending.borrow().keys().copied().collect();
         for id in ids {
             self.fail_one(id, kind, detail);
-        }
-        // Requests still queued were never seen by JS.
-        if let Ok(mut inbox) = self.inbox.try_lock() {
-            while let Ok(req) = inbox.try_recv() {
-                let _ = req.respond.send(Err(HandlerError {
-                    kind,
-                    detail: detail.to_string(),
-                }));
-            }
         }
     }
 
@@ -234,5 +220,50 @@ impl HostBridge {
             .borrow()
             .get(&id)
             .is_some_and(|p| p.respond.is_none())
+    }
+}
+
+/// A request taken into the isolate, as the dispatch function receives it.
+pub struct Accepted {
+    /// The host's id for the request.
+    pub id: u32,
+    /// HTTP method.
+    pub method: String,
+    /// Absolute URL.
+    pub url: String,
+    /// The body resource, if the request has a body.
+    pub body_rid: Option<deno_core::ResourceId>,
+}
+
+/// Takes `req` into the isolate whose state this is: registers it as
+/// pending and its body as a resource. The caller then passes the result to
+/// the JS dispatch function.
+pub fn accept(state: &mut deno_core::OpState, req: IncomingRequest) -> Accepted {
+    let body_rid = match req.body {
+        RequestBody::Empty => None,
+        RequestBody::Stream(chunks) => Some(
+            state
+                .resource_table
+                .add(crate::ops::RequestBodyResource::new(chunks)),
+        ),
+    };
+    state.borrow::<HostBridge>().pending.borrow_mut().insert(
+        req.id,
+        Pending {
+            request_id: req.request_id,
+            headers: Some(req.headers),
+            body_rid,
+            respond: Some(req.respond),
+            body: None,
+            done: Some(req.done),
+            subrequests: 0,
+            open_fetches: 0,
+        },
+    );
+    Accepted {
+        id: req.id,
+        method: req.method,
+        url: req.url,
+        body_rid,
     }
 }

@@ -9,16 +9,17 @@ pub mod bridge;
 mod ops;
 
 pub use bridge::{
-    BodyChunks, FailureKind, FetchLimits, HandlerError, HostBridge, HostHandle, IncomingRequest,
-    LogLine, LogSink, OutgoingBody, OutgoingResponse, RequestBody,
+    Accepted, BodyChunks, FailureKind, FetchLimits, HandlerError, HostBridge, HostHandle,
+    IncomingRequest, LogLine, LogSink, OutgoingBody, OutgoingResponse, RequestBody, accept,
 };
 
 deno_core::extension!(
     atoll_api,
     deps = [deno_webidl, deno_web, deno_crypto, deno_fetch],
     ops = [
-        ops::op_atoll_next_request,
+        ops::op_atoll_request_headers,
         ops::op_atoll_respond,
+        ops::op_atoll_respond_text,
         ops::op_atoll_respond_stream,
         ops::op_atoll_body_write,
         ops::op_atoll_body_close,

@@ -8,38 +8,34 @@ use std::rc::Rc;
 use bytes::Bytes;
 use deno_core::{
     AsyncRefCell, AsyncResult, BufView, ByteString, CancelFuture, CancelHandle, OpState, RcRef,
-    Resource, ResourceId, op2,
+    Resource, op2,
 };
 use deno_error::JsErrorBox;
-use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::bridge::{
     BodyChunks, FailureKind, HandlerError, HostBridge, LogLine, OutgoingBody, OutgoingResponse,
-    Pending, RequestBody,
 };
 
 /// How many response chunks may wait for the client before JS is paused.
 const RESPONSE_CHUNK_BUFFER: usize = 4;
 
-/// A request as JS first sees it.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RequestHead {
-    id: u32,
-    request_id: String,
-    method: String,
-    url: String,
-    headers: Vec<(ByteString, ByteString)>,
-    body_rid: Option<ResourceId>,
-}
-
 /// The request body as a resource that `readableStreamForRid` reads.
-struct RequestBodyResource {
+pub(crate) struct RequestBodyResource {
     chunks: AsyncRefCell<BodyChunks>,
     /// Bytes of a chunk larger than the reader's buffer, kept for the next read.
     leftover: RefCell<Option<Bytes>>,
     cancel: CancelHandle,
+}
+
+impl RequestBodyResource {
+    pub(crate) fn new(chunks: BodyChunks) -> Self {
+        RequestBodyResource {
+            chunks: AsyncRefCell::new(chunks),
+            leftover: RefCell::new(None),
+            cancel: CancelHandle::new(),
+        }
+    }
 }
 
 impl Resource for RequestBodyResource {
@@ -92,41 +88,19 @@ fn bridge(state: &OpState) -> &HostBridge {
     state.borrow::<HostBridge>()
 }
 
-/// Waits for the next request; `None` once the host closed the isolate.
+/// The headers of request `id`, handed over once (JS caches them).
 #[op2]
 #[serde]
-pub async fn op_atoll_next_request(state: Rc<RefCell<OpState>>) -> Option<RequestHead> {
-    let inbox = bridge(&state.borrow()).inbox.clone();
-    let req = inbox.lock().await.recv().await?;
-    let mut state = state.borrow_mut();
-    let body_rid = match req.body {
-        RequestBody::Empty => None,
-        RequestBody::Stream(chunks) => Some(state.resource_table.add(RequestBodyResource {
-            chunks: AsyncRefCell::new(chunks),
-            leftover: RefCell::new(None),
-            cancel: CancelHandle::new(),
-        })),
-    };
-    bridge(&state).pending.borrow_mut().insert(
-        req.id,
-        Pending {
-            request_id: req.request_id.clone(),
-            body_rid,
-            respond: Some(req.respond),
-            body: None,
-            done: Some(req.done),
-            subrequests: 0,
-            open_fetches: 0,
-        },
-    );
-    Some(RequestHead {
-        id: req.id,
-        request_id: req.request_id,
-        method: req.method,
-        url: req.url,
-        headers: req.headers,
-        body_rid,
-    })
+pub fn op_atoll_request_headers(
+    state: &mut OpState,
+    id: u32,
+) -> Result<Vec<(ByteString, ByteString)>, JsErrorBox> {
+    bridge(state)
+        .pending
+        .borrow_mut()
+        .get_mut(&id)
+        .and_then(|p| p.headers.take())
+        .ok_or_else(|| JsErrorBox::type_error("the request has finished"))
 }
 
 fn send_head(state: &OpState, id: u32, response: Result<OutgoingResponse, HandlerError>) {
@@ -150,6 +124,32 @@ pub fn op_atoll_respond(
     let body = match body {
         Some(b) if !b.is_empty() => OutgoingBody::Full(Bytes::from(b)),
         _ => OutgoingBody::Empty,
+    };
+    send_head(
+        state,
+        id,
+        Ok(OutgoingResponse {
+            status,
+            headers,
+            body,
+        }),
+    );
+}
+
+/// Answers request `id` with a body given as a string (the common
+/// `new Response("...")`), without encoding it into a buffer in JS first.
+#[op2]
+pub fn op_atoll_respond_text(
+    state: &mut OpState,
+    id: u32,
+    #[smi] status: u16,
+    #[serde] headers: Vec<(ByteString, ByteString)>,
+    #[string] body: &str,
+) {
+    let body = if body.is_empty() {
+        OutgoingBody::Empty
+    } else {
+        OutgoingBody::Full(Bytes::copy_from_slice(body.as_bytes()))
     };
     send_head(
         state,

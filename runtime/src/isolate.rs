@@ -5,7 +5,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use atoll_js_api::{HostBridge, HostHandle, LogLine, LogSink};
+use atoll_js_api::{FailureKind, HostBridge, HostHandle, IncomingRequest, LogLine, LogSink};
 use deno_core::{JsRuntime, RuntimeOptions, v8};
 
 use crate::deployment::Deployment;
@@ -24,6 +24,8 @@ pub(crate) struct Isolate {
     pub(crate) heap_limit: usize,
     /// Set by the near-heap-limit callback.
     pub(crate) heap_exceeded: Arc<AtomicBool>,
+    /// The JS function that runs one request (`dispatch` in bootstrap.js).
+    dispatch: Option<v8::Global<v8::Function>>,
     loader: Rc<BundleLoader>,
     owner: Rc<RefCell<Option<Arc<Deployment>>>>,
 }
@@ -74,14 +76,28 @@ impl Isolate {
             current + HEAP_HEADROOM
         });
         // Hide the runtime's internals and warm the request path now, while
-        // no request is waiting.
-        if let Err(e) = js.execute_script(
+        // no request is waiting; keep the dispatch function it returns.
+        let dispatch = match js.execute_script(
             "ext:atoll/prepare.js",
             "globalThis[Symbol.for('atoll.prepare')]()",
         ) {
-            // Only a bug in the runtime's own JS gets here.
-            tracing::error!("preparing an isolate failed: {e}");
-        }
+            Ok(value) => {
+                let context = js.main_context();
+                let isolate = &mut *js.v8_isolate();
+                v8::scope!(let scope, isolate);
+                let context = v8::Local::new(scope, context);
+                let scope = &mut v8::ContextScope::new(scope, context);
+                let value = v8::Local::new(scope, value);
+                v8::Local::<v8::Function>::try_from(value)
+                    .ok()
+                    .map(|f| v8::Global::new(scope, f))
+            }
+            Err(e) => {
+                // Only a bug in the runtime's own JS gets here.
+                tracing::error!("preparing an isolate failed: {e}");
+                None
+            }
+        };
         // V8 tracks one "current" isolate per thread and a new isolate is
         // entered on creation. Many isolates share this thread, so each is
         // entered only while it runs (see `Isolate::run`), never left entered.
@@ -93,8 +109,71 @@ impl Isolate {
             host,
             heap_limit,
             heap_exceeded,
+            dispatch,
             loader,
             owner,
+        }
+    }
+
+    /// Starts `req` in the tenant's handler: a direct call into JS, which
+    /// runs until the handler first awaits. Call inside [`Isolate::run`],
+    /// with the CPU watchdog armed; the caller polls the event loop next.
+    pub(crate) fn deliver(&mut self, req: IncomingRequest) {
+        let accepted = {
+            let state = self.js.op_state();
+            let mut state = state.borrow_mut();
+            atoll_js_api::accept(&mut state, req)
+        };
+        let id = accepted.id;
+        let failure = match &self.dispatch {
+            None => Some("the isolate has no request dispatch".to_string()),
+            Some(dispatch) => {
+                let context = self.js.main_context();
+                let isolate = &mut *self.js.v8_isolate();
+                v8::scope!(let scope, isolate);
+                let context = v8::Local::new(scope, context);
+                let scope = &mut v8::ContextScope::new(scope, context);
+                v8::tc_scope!(let scope, scope);
+                let f = v8::Local::new(scope, dispatch);
+                let method = v8::String::new(scope, &accepted.method);
+                let url = v8::String::new(scope, &accepted.url);
+                match (method, url) {
+                    (Some(method), Some(url)) => {
+                        let body: v8::Local<v8::Value> = match accepted.body_rid {
+                            Some(rid) => v8::Integer::new_from_unsigned(scope, rid).into(),
+                            None => v8::null(scope).into(),
+                        };
+                        let args = [
+                            v8::Integer::new_from_unsigned(scope, id).into(),
+                            method.into(),
+                            url.into(),
+                            body,
+                        ];
+                        let recv = v8::undefined(scope).into();
+                        if f.call(scope, recv, &args).is_some() {
+                            None
+                        } else if scope.is_execution_terminating() {
+                            // The watchdog or heap limit ended it; the
+                            // caller sees the flag and fails what is left.
+                            None
+                        } else {
+                            let message = scope
+                                .exception()
+                                .map(|e| e.to_rust_string_lossy(scope))
+                                .unwrap_or_default();
+                            Some(format!("the request could not be dispatched: {message}"))
+                        }
+                    }
+                    _ => Some("the request's method or URL is too long".to_string()),
+                }
+            }
+        };
+        if let Some(detail) = failure {
+            let state = self.js.op_state();
+            let state = state.borrow();
+            state
+                .borrow::<HostBridge>()
+                .fail_one(id, FailureKind::Exception, &detail);
         }
     }
 

@@ -17,8 +17,10 @@ mod snapshot;
 mod tenant;
 mod worker;
 
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -133,14 +135,45 @@ pub enum StartError {
     Outbound(#[from] OutboundError),
 }
 
+/// Sets V8's process-wide flags, once, before the first isolate exists.
+/// `ATOLL_V8_FLAGS` (space-separated) adds to them, for experiments.
+fn set_v8_flags() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut args = vec![String::new()];
+        if let Ok(extra) = std::env::var("ATOLL_V8_FLAGS") {
+            args.extend(extra.split_whitespace().map(str::to_string));
+        }
+        let unknown = deno_core::v8_set_flags(args);
+        for flag in unknown.iter().skip(1) {
+            tracing::warn!("V8 does not know the flag {flag} in ATOLL_V8_FLAGS");
+        }
+    });
+}
+
 /// The isolate engine: worker threads and the tenants scheduled on them.
 pub struct Runtime {
+    /// Tells this runtime's workers apart from another runtime's in the
+    /// same process.
+    id: u64,
     workers: Vec<mpsc::UnboundedSender<WorkerMsg>>,
+    /// Tasks running on each worker through [`Runtime::spawn_on_worker`].
+    tasks: Vec<Arc<AtomicUsize>>,
+}
+
+/// Counts down a worker's task count when the task ends.
+struct TaskCount(Arc<AtomicUsize>);
+
+impl Drop for TaskCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Runtime {
     /// Starts the worker threads and the CPU watchdog.
     pub fn start(config: RuntimeConfig) -> Result<Runtime, StartError> {
+        set_v8_flags();
         let watchdog = CpuWatchdog::start()?;
         let threads = config.threads.max(1);
         // deno_fetch's TLS asks rustls for the process default provider,
@@ -148,9 +181,12 @@ impl Runtime {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let client = outbound::client(&config.outbound)?;
         let allowance = Arc::new(config.outbound.allow.clone());
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
             workers.push(worker::spawn(
+                id,
                 i,
                 worker::WorkerConfig {
                     client: client.clone(),
@@ -162,13 +198,53 @@ impl Runtime {
                 watchdog.clone(),
             )?);
         }
-        Ok(Runtime { workers })
+        Ok(Runtime {
+            id,
+            tasks: workers.iter().map(|_| Arc::default()).collect(),
+            workers,
+        })
     }
 
-    fn worker_for(&self, tenant: &str) -> &mpsc::UnboundedSender<WorkerMsg> {
+    /// The worker that runs `tenant`'s isolate.
+    fn home_of(&self, tenant: &str) -> usize {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         tenant.hash(&mut h);
-        &self.workers[(h.finish() % self.workers.len() as u64) as usize]
+        (h.finish() % self.workers.len() as u64) as usize
+    }
+
+    /// Sends `msg` to worker `index`, handling it in place when the caller
+    /// runs on that worker's thread (no thread crossing, no wake-up).
+    fn deliver(&self, index: usize, msg: WorkerMsg) -> Result<(), ()> {
+        match worker::deliver_local(self.id, index, msg) {
+            None => Ok(()),
+            Some(msg) => self.workers[index].send(msg).map_err(|_| ()),
+        }
+    }
+
+    /// Runs the future `task` makes on the worker thread with the fewest
+    /// such tasks. Servers run their connections this way: a request then
+    /// reaches a tenant whose isolate lives on that thread without leaving
+    /// it. `task` is called on the worker thread, inside its event loop, so
+    /// it may register I/O there (e.g. `TcpStream::from_std`).
+    pub fn spawn_on_worker<F, Fut>(&self, task: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let index = (0..self.tasks.len())
+            .min_by_key(|&i| self.tasks[i].load(Ordering::Relaxed))
+            .unwrap_or(0);
+        let count = self.tasks[index].clone();
+        count.fetch_add(1, Ordering::Relaxed);
+        let guard = TaskCount(count);
+        let msg = WorkerMsg::Spawn(Box::new(move || {
+            Box::pin(async move {
+                let _guard = guard;
+                task().await;
+            })
+        }));
+        // A stopped runtime drops the task (and the guard with it).
+        let _ = self.workers[index].send(msg);
     }
 
     /// Runs `request` in `deployment`'s isolate and waits for the response head.
@@ -186,7 +262,7 @@ impl Runtime {
                 respond: tx,
             },
         };
-        if self.worker_for(&deployment.tenant).send(msg).is_err() {
+        if self.deliver(self.home_of(&deployment.tenant), msg).is_err() {
             return Err(DispatchError::Unavailable("the runtime has stopped".into()));
         }
         // The isolate enforces the wall clock too; this bound also covers a
@@ -219,16 +295,19 @@ impl Runtime {
     /// Starts `deployment`'s isolate ahead of its first request (a no-op if
     /// it is running), e.g. when a TLS ClientHello names its host.
     pub fn warm(&self, deployment: Arc<Deployment>) {
-        let _ = self
-            .worker_for(&deployment.tenant)
-            .send(WorkerMsg::Warm { deployment });
+        let home = self.home_of(&deployment.tenant);
+        let _ = self.deliver(home, WorkerMsg::Warm { deployment });
     }
 
     /// Stops `tenant`'s isolate once its in-flight requests finish.
     pub fn retire(&self, tenant: &str) {
-        let _ = self.worker_for(tenant).send(WorkerMsg::Retire {
-            tenant: tenant.to_string(),
-        });
+        let home = self.home_of(tenant);
+        let _ = self.deliver(
+            home,
+            WorkerMsg::Retire {
+                tenant: tenant.to_string(),
+            },
+        );
     }
 
     /// Stats of every worker.

@@ -102,8 +102,12 @@ pub struct CpuWatch {
 
 struct Shared {
     slots: Mutex<Vec<Arc<CpuWatch>>>,
-    any_armed: Mutex<usize>,
+    /// Held by the watchdog from deciding to sleep until it waits, so a
+    /// wake-up cannot slip in between.
+    sleep: Mutex<()>,
     wake: Condvar,
+    /// The watchdog waits on `wake` instead of sampling: arming must wake it.
+    asleep: AtomicBool,
 }
 
 /// The watchdog thread; one per runtime.
@@ -112,16 +116,22 @@ pub struct CpuWatchdog {
     shared: Arc<Shared>,
 }
 
-/// How often an armed worker's CPU clock is sampled.
+/// How often armed workers' CPU clocks are sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(1);
+
+/// Samples with nothing armed before the watchdog sleeps until woken.
+/// Arming is on every poll of every isolate: while workers are busy the
+/// watchdog keeps ticking, so arming costs a lock, not a thread wake-up.
+const IDLE_SAMPLES_BEFORE_SLEEP: u32 = 100;
 
 impl CpuWatchdog {
     /// Starts the watchdog thread.
     pub fn start() -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             slots: Mutex::new(Vec::new()),
-            any_armed: Mutex::new(0),
+            sleep: Mutex::new(()),
             wake: Condvar::new(),
+            asleep: AtomicBool::new(false),
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -159,52 +169,69 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl CpuWatch {
-    /// Terminates `isolate` if this thread's CPU clock passes `budget` from now
-    /// before [`CpuWatch::disarm`]; `fired` is set when it does.
-    pub fn arm(&self, budget: Duration, isolate: v8::IsolateHandle, fired: Arc<AtomicBool>) {
-        let deadline = thread_cpu_time() + budget;
-        let was = lock(&self.armed).replace(Armed {
-            deadline,
+    /// Terminates `isolate` if this thread's CPU clock passes `now + budget`
+    /// before [`CpuWatch::disarm`]; `fired` is set when it does. `now` is
+    /// this thread's CPU time, as the caller just read it.
+    pub fn arm(
+        &self,
+        now: Duration,
+        budget: Duration,
+        isolate: v8::IsolateHandle,
+        fired: Arc<AtomicBool>,
+    ) {
+        *lock(&self.armed) = Some(Armed {
+            deadline: now + budget,
             isolate,
             fired,
         });
-        if was.is_none() {
-            *lock(&self.shared.any_armed) += 1;
+        // Pairs with the fence in `watch`: either it sees this deadline or
+        // this sees that it sleeps.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.shared.asleep.load(Ordering::SeqCst) {
+            let _sleeping = lock(&self.shared.sleep);
             self.shared.wake.notify_one();
         }
     }
 
     /// Stops watching.
     pub fn disarm(&self) {
-        if lock(&self.armed).take().is_some() {
-            let mut n = lock(&self.shared.any_armed);
-            *n = n.saturating_sub(1);
-        }
+        lock(&self.armed).take();
     }
 }
 
 fn watch(shared: Arc<Shared>) {
+    let mut idle = 0u32;
     loop {
-        {
-            let mut n = lock(&shared.any_armed);
-            while *n == 0 {
-                n = shared.wake.wait(n).unwrap_or_else(|e| e.into_inner());
-            }
-        }
         std::thread::sleep(SAMPLE_EVERY);
         let slots = lock(&shared.slots).clone();
-        for slot in slots {
+        let mut any_armed = false;
+        for slot in &slots {
             let mut armed = lock(&slot.armed);
-            let overran = armed
-                .as_ref()
-                .is_some_and(|a| clock_time(slot.clock) >= a.deadline);
-            if overran && let Some(a) = armed.take() {
+            let Some(a) = armed.as_ref() else { continue };
+            any_armed = true;
+            if clock_time(slot.clock) >= a.deadline
+                && let Some(a) = armed.take()
+            {
                 a.fired.store(true, Ordering::SeqCst);
                 a.isolate.terminate_execution();
-                let mut n = lock(&shared.any_armed);
-                *n = n.saturating_sub(1);
             }
         }
+        idle = if any_armed { 0 } else { idle + 1 };
+        if idle < IDLE_SAMPLES_BEFORE_SLEEP {
+            continue;
+        }
+        let mut sleeping = lock(&shared.sleep);
+        shared.asleep.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        // Re-read the slots: a worker registered since may be the one arming.
+        while !lock(&shared.slots).iter().any(|s| lock(&s.armed).is_some()) {
+            sleeping = shared
+                .wake
+                .wait(sleeping)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        shared.asleep.store(false, Ordering::SeqCst);
+        idle = 0;
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use atoll_js_api::{FailureKind, HandlerError, HostBridge, IncomingRequest};
 use deno_core::PollEventLoopOptions;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::HttpRequest;
@@ -27,6 +27,11 @@ use crate::limits::{CpuWatch, thread_cpu_time};
 
 /// How often deadlines are checked while requests are in flight.
 const WALL_CHECK_EVERY: Duration = Duration::from_millis(20);
+
+/// How often an isolate's memory is measured (V8's heap statistics walk
+/// every space: too slow for every poll). Heap limits are enforced by V8
+/// itself; this figure feeds eviction and metrics.
+const MEMORY_SAMPLE_EVERY: Duration = Duration::from_millis(25);
 
 /// A request on its way into an isolate, with where its answer goes.
 pub(crate) struct Dispatch {
@@ -62,6 +67,8 @@ struct SlotState {
     idle_cpu: Duration,
     /// No new requests will come; end once those in flight finish.
     retired: bool,
+    /// The tenant's module has been evaluated; requests are admitted.
+    booted: bool,
     last_used: Option<Instant>,
     heap_used: usize,
     /// V8 heap pages plus ArrayBuffer memory: what evicting the isolate frees.
@@ -226,6 +233,18 @@ async fn run(
 ) {
     let end = EndGuard(state.clone());
     let (kind, detail) = drive(&mut isolate, &deployment, &state, &watch, &cpu_counter).await;
+    {
+        // Requests that waited for the module to load share its failure.
+        let mut st = state.borrow_mut();
+        if !st.booted {
+            for q in st.queue.drain(..) {
+                let _ = q.incoming.respond.send(Err(HandlerError {
+                    kind,
+                    detail: detail.clone(),
+                }));
+            }
+        }
+    }
     drop(end);
     match kind {
         FailureKind::Unavailable => tracing::debug!("isolate retired: {detail}"),
@@ -272,10 +291,7 @@ async fn drive(
     cpu_counter: &Rc<Cell<Duration>>,
 ) -> (FailureKind, String) {
     let limits = deployment.limits;
-    // The only sender into the isolate: admission below is the one way in.
-    let requests = isolate.host.requests.clone();
-    let (dead_tx, _) = mpsc::unbounded_channel();
-    isolate.host.requests = dead_tx;
+    let mut admitted = Vec::new();
     let (_, booted_placeholder) = oneshot::channel();
     let mut booted = Some(std::mem::replace(
         &mut isolate.host.booted,
@@ -288,6 +304,7 @@ async fn drive(
     // Top-level code may await; its CPU is summed over all boot polls.
     let mut startup_cpu = Duration::ZERO;
     let handle = isolate.js.v8_isolate().thread_safe_handle();
+    let mut memory_sampled: Option<Instant> = None;
     let mut wall_check = tokio::time::interval(WALL_CHECK_EVERY);
     wall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -297,7 +314,10 @@ async fn drive(
             if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 st.waker = Some(cx.waker().clone());
             }
-            admit(&mut st, &requests, limits.max_concurrent);
+            // Requests wait in the queue until the tenant's module is ready.
+            if booted.is_none() {
+                admit(&mut st, &mut admitted, limits.max_concurrent);
+            }
         }
         let idle = state.borrow().in_flight.is_empty();
         let budget = if booted.is_some() {
@@ -317,18 +337,27 @@ async fn drive(
             limits.cpu_per_request.saturating_sub(used)
         };
         let t0 = thread_cpu_time();
-        watch.arm(budget, handle.clone(), terminated.clone());
+        watch.arm(t0, budget, handle.clone(), terminated.clone());
+        let sample = memory_sampled.is_none_or(|at| at.elapsed() >= MEMORY_SAMPLE_EVERY);
         let (polled, memory) = isolate.run(|iso| {
+            for req in admitted.drain(..) {
+                iso.deliver(req);
+            }
             let polled = iso.js.poll_event_loop(cx, PollEventLoopOptions::default());
-            (polled, iso.memory())
+            (polled, sample.then(|| iso.memory()))
         });
+        if sample {
+            memory_sampled = Some(Instant::now());
+        }
         watch.disarm();
         let used = thread_cpu_time().saturating_sub(t0);
         cpu_counter.set(cpu_counter.get() + used);
         {
             let mut st = state.borrow_mut();
             st.cpu_total += used;
-            (st.heap_used, st.memory) = memory;
+            if let Some(memory) = memory {
+                (st.heap_used, st.memory) = memory;
+            }
             if booted.is_some() {
                 // Startup has its own budget; requests waiting for it are not charged.
                 startup_cpu += used;
@@ -371,7 +400,10 @@ async fn drive(
         }
         if let Some(rx) = booted.as_mut() {
             match std::pin::Pin::new(rx).poll(cx) {
-                Poll::Ready(Ok(Ok(()))) => booted = None,
+                Poll::Ready(Ok(Ok(()))) => {
+                    booted = None;
+                    state.borrow_mut().booted = true;
+                }
                 Poll::Ready(Ok(Err(e))) => return Poll::Ready((FailureKind::Startup, e)),
                 Poll::Ready(Err(_)) => {
                     return Poll::Ready((
@@ -387,10 +419,9 @@ async fn drive(
             Poll::Ready(Err(e)) => {
                 return Poll::Ready((FailureKind::Exception, format!("isolate failed: {e}")));
             }
-            Poll::Ready(Ok(())) => {
-                return Poll::Ready((FailureKind::Unavailable, "no more work".into()));
-            }
-            Poll::Pending => {}
+            // Nothing pending in the event loop: the isolate is idle until
+            // the next request wakes this task.
+            Poll::Ready(Ok(())) | Poll::Pending => {}
         }
 
         // Finished requests leave; those past the wall clock are failed.
@@ -447,34 +478,20 @@ async fn drive(
     .await
 }
 
-/// Moves queued requests into the isolate while it is under `max_concurrent`.
-fn admit(
-    st: &mut SlotState,
-    requests: &mpsc::UnboundedSender<IncomingRequest>,
-    max_concurrent: usize,
-) {
+/// Moves queued requests into `admitted` (to be delivered to the isolate)
+/// while it is under `max_concurrent`.
+fn admit(st: &mut SlotState, admitted: &mut Vec<IncomingRequest>, max_concurrent: usize) {
     while st.in_flight.len() < max_concurrent {
         let Some(q) = st.queue.pop_front() else { break };
-        let id = q.incoming.id;
-        match requests.send(q.incoming) {
-            Ok(()) => {
-                st.in_flight.insert(
-                    id,
-                    InFlight {
-                        cpu: Duration::ZERO,
-                        deadline: q.deadline,
-                        done: q.done,
-                    },
-                );
-            }
-            Err(e) => {
-                // The isolate's JS stopped reading: it is ending.
-                let _ = e.0.respond.send(Err(HandlerError {
-                    kind: FailureKind::Unavailable,
-                    detail: "the isolate has stopped".into(),
-                }));
-            }
-        }
+        st.in_flight.insert(
+            q.incoming.id,
+            InFlight {
+                cpu: Duration::ZERO,
+                deadline: q.deadline,
+                done: q.done,
+            },
+        );
+        admitted.push(q.incoming);
     }
 }
 

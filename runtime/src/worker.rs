@@ -27,6 +27,33 @@ pub(crate) enum WorkerMsg {
     Retire { tenant: String },
     /// Report live isolates.
     Stats { reply: oneshot::Sender<WorkerStats> },
+    /// Run a task on this worker's thread (see [`crate::Runtime::spawn_on_worker`]).
+    Spawn(Box<dyn FnOnce() -> LocalTask + Send>),
+}
+
+/// A task that runs on one worker thread.
+pub(crate) type LocalTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+thread_local! {
+    /// The worker running on this thread, with the id of its runtime: lets a
+    /// request that arrives on a tenant's home worker skip the inbox.
+    static CURRENT: RefCell<Option<(u64, usize, Rc<Worker>)>> = const { RefCell::new(None) };
+}
+
+/// Handles `msg` right here if this thread is worker `index` of runtime
+/// `runtime`; otherwise gives it back for the inbox.
+pub(crate) fn deliver_local(runtime: u64, index: usize, msg: WorkerMsg) -> Option<WorkerMsg> {
+    let worker = CURRENT.with(|c| match &*c.borrow() {
+        Some((r, i, w)) if *r == runtime && *i == index => Some(w.clone()),
+        _ => None,
+    });
+    match worker {
+        Some(w) => {
+            handle(&w, msg);
+            None
+        }
+        None => Some(msg),
+    }
 }
 
 /// One worker's view for stats.
@@ -79,6 +106,7 @@ struct Worker {
 
 /// Spawns worker thread `index`; returns its inbox.
 pub(crate) fn spawn(
+    runtime: u64,
     index: usize,
     config: WorkerConfig,
     watchdog: CpuWatchdog,
@@ -114,9 +142,11 @@ pub(crate) fn spawn(
                     evictions: Default::default(),
                     cpu_by_tenant: Default::default(),
                 });
+                CURRENT.with(|c| *c.borrow_mut() = Some((runtime, index, worker.clone())));
                 tokio::task::spawn_local(refill_pool(worker.clone()));
                 tokio::task::spawn_local(check_budget(worker.clone()));
                 serve(worker, rx).await;
+                CURRENT.with(|c| c.borrow_mut().take());
             });
         })?;
     Ok(tx)
@@ -124,36 +154,45 @@ pub(crate) fn spawn(
 
 async fn serve(worker: Rc<Worker>, mut rx: mpsc::UnboundedReceiver<WorkerMsg>) {
     while let Some(msg) = rx.recv().await {
-        match msg {
-            WorkerMsg::Dispatch {
-                deployment,
-                dispatch,
-            } => {
-                let (slot, started) = worker.slot_for(&deployment);
-                slot.dispatch(dispatch);
-                if started {
-                    worker.enforce_budget(&deployment.tenant);
-                }
-            }
-            WorkerMsg::Warm { deployment } => {
-                if worker.slot_for(&deployment).1 {
-                    tracing::debug!(tenant = %deployment.tenant, "warming isolate");
-                    worker.enforce_budget(&deployment.tenant);
-                }
-            }
-            WorkerMsg::Retire { tenant } => {
-                if let Some(slot) = worker.slots.borrow_mut().remove(&tenant) {
-                    slot.retire();
-                }
-            }
-            WorkerMsg::Stats { reply } => {
-                let _ = reply.send(worker.stats());
-            }
-        }
+        handle(&worker, msg);
     }
     // Runtime dropped: let every isolate finish what it has.
     for (_, slot) in worker.slots.borrow_mut().drain() {
         slot.retire();
+    }
+}
+
+/// Acts on one message, from the inbox or delivered on this thread. Never
+/// called from inside an isolate's poll: it may start isolates.
+fn handle(worker: &Rc<Worker>, msg: WorkerMsg) {
+    match msg {
+        WorkerMsg::Dispatch {
+            deployment,
+            dispatch,
+        } => {
+            let (slot, started) = worker.slot_for(&deployment);
+            slot.dispatch(dispatch);
+            if started {
+                worker.enforce_budget(&deployment.tenant);
+            }
+        }
+        WorkerMsg::Warm { deployment } => {
+            if worker.slot_for(&deployment).1 {
+                tracing::debug!(tenant = %deployment.tenant, "warming isolate");
+                worker.enforce_budget(&deployment.tenant);
+            }
+        }
+        WorkerMsg::Retire { tenant } => {
+            if let Some(slot) = worker.slots.borrow_mut().remove(&tenant) {
+                slot.retire();
+            }
+        }
+        WorkerMsg::Stats { reply } => {
+            let _ = reply.send(worker.stats());
+        }
+        WorkerMsg::Spawn(task) => {
+            tokio::task::spawn_local(task());
+        }
     }
 }
 
