@@ -593,31 +593,24 @@ async function boot(entry, envJson) {
 
 /**
  * Prepares a pre-booted isolate before any tenant owns it: hides the
- * runtime's internals and warms the request path. Returns the function that
- * later boots the tenant.
+ * runtime's internals and warms the request path.
  */
 function prepare() {
   // `Deno.core` and `__bootstrap` reach every op; tenants get neither.
   delete globalThis.Deno;
   delete globalThis.__bootstrap;
   warmUpRequestPath();
-  return boot;
 }
 
-// The host calls `prepare` through this symbol once per isolate, which
-// returns `dispatch` (the host keeps it) and keeps `boot` under a second
-// symbol until a tenant takes the isolate; both symbols are deleted before
-// any tenant code runs.
+// The host calls `prepare` through this symbol once per isolate, before any
+// tenant code runs, and keeps the two functions it returns: `boot` (called
+// once, when a tenant takes the isolate) and `dispatch` (once per request).
+// Neither is reachable from the global scope.
 ObjectDefineProperty(globalThis, Symbol.for("atoll.prepare"), {
   value: () => {
     delete globalThis[Symbol.for("atoll.prepare")];
-    ObjectDefineProperty(globalThis, Symbol.for("atoll.boot"), {
-      value: prepare(),
-      configurable: true,
-      enumerable: false,
-      writable: false,
-    });
-    return dispatch;
+    prepare();
+    return [boot, dispatch];
   },
   configurable: true,
   enumerable: false,

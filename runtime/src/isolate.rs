@@ -24,8 +24,9 @@ pub(crate) struct Isolate {
     pub(crate) heap_limit: usize,
     /// Set by the near-heap-limit callback.
     pub(crate) heap_exceeded: Arc<AtomicBool>,
-    /// The JS function that runs one request (`dispatch` in bootstrap.js).
-    dispatch: Option<v8::Global<v8::Function>>,
+    /// The JS functions that load the tenant's module (`boot`) and run one
+    /// request (`dispatch`), from bootstrap.js.
+    entry_points: Option<EntryPoints>,
     loader: Rc<BundleLoader>,
     owner: Rc<RefCell<Option<Arc<Deployment>>>>,
 }
@@ -76,8 +77,8 @@ impl Isolate {
             current + HEAP_HEADROOM
         });
         // Hide the runtime's internals and warm the request path now, while
-        // no request is waiting; keep the dispatch function it returns.
-        let dispatch = match js.execute_script(
+        // no request is waiting; keep the entry points it returns.
+        let entry_points = match js.execute_script(
             "ext:atoll/prepare.js",
             "globalThis[Symbol.for('atoll.prepare')]()",
         ) {
@@ -88,9 +89,19 @@ impl Isolate {
                 let context = v8::Local::new(scope, context);
                 let scope = &mut v8::ContextScope::new(scope, context);
                 let value = v8::Local::new(scope, value);
-                v8::Local::<v8::Function>::try_from(value)
-                    .ok()
-                    .map(|f| v8::Global::new(scope, f))
+                let function = |i: u32| {
+                    let array = v8::Local::<v8::Array>::try_from(value).ok()?;
+                    let f = array.get_index(scope, i)?;
+                    let f = v8::Local::<v8::Function>::try_from(f).ok()?;
+                    Some(v8::Global::new(scope, f))
+                };
+                match (function(0), function(1)) {
+                    (Some(boot), Some(dispatch)) => Some(EntryPoints { boot, dispatch }),
+                    _ => {
+                        tracing::error!("preparing an isolate returned no entry points");
+                        None
+                    }
+                }
             }
             Err(e) => {
                 // Only a bug in the runtime's own JS gets here.
@@ -109,7 +120,7 @@ impl Isolate {
             host,
             heap_limit,
             heap_exceeded,
-            dispatch,
+            entry_points,
             loader,
             owner,
         }
@@ -125,49 +136,18 @@ impl Isolate {
             atoll_js_api::accept(&mut state, req)
         };
         let id = accepted.id;
-        let failure = match &self.dispatch {
-            None => Some("the isolate has no request dispatch".to_string()),
-            Some(dispatch) => {
-                let context = self.js.main_context();
-                let isolate = &mut *self.js.v8_isolate();
-                v8::scope!(let scope, isolate);
-                let context = v8::Local::new(scope, context);
-                let scope = &mut v8::ContextScope::new(scope, context);
-                v8::tc_scope!(let scope, scope);
-                let f = v8::Local::new(scope, dispatch);
-                let method = v8::String::new(scope, &accepted.method);
-                let url = v8::String::new(scope, &accepted.url);
-                match (method, url) {
-                    (Some(method), Some(url)) => {
-                        let body: v8::Local<v8::Value> = match accepted.body_rid {
-                            Some(rid) => v8::Integer::new_from_unsigned(scope, rid).into(),
-                            None => v8::null(scope).into(),
-                        };
-                        let args = [
-                            v8::Integer::new_from_unsigned(scope, id).into(),
-                            method.into(),
-                            url.into(),
-                            body,
-                        ];
-                        let recv = v8::undefined(scope).into();
-                        if f.call(scope, recv, &args).is_some() {
-                            None
-                        } else if scope.is_execution_terminating() {
-                            // The watchdog or heap limit ended it; the
-                            // caller sees the flag and fails what is left.
-                            None
-                        } else {
-                            let message = scope
-                                .exception()
-                                .map(|e| e.to_rust_string_lossy(scope))
-                                .unwrap_or_default();
-                            Some(format!("the request could not be dispatched: {message}"))
-                        }
-                    }
-                    _ => Some("the request's method or URL is too long".to_string()),
-                }
-            }
-        };
+        let failure = self
+            .call_entry(
+                |e| &e.dispatch,
+                [
+                    Arg::U32(id),
+                    Arg::Str(&accepted.method),
+                    Arg::Str(&accepted.url),
+                    accepted.body_rid.map_or(Arg::Null, Arg::U32),
+                ],
+            )
+            .err()
+            .map(|e| format!("the request could not be dispatched: {e}"));
         if let Some(detail) = failure {
             let state = self.js.op_state();
             let state = state.borrow();
@@ -212,18 +192,48 @@ impl Isolate {
             .borrow::<HostBridge>()
             .set_fetch_limits(deployment.limits.fetch);
         *self.owner.borrow_mut() = Some(deployment.clone());
-        let entry = serde_json::to_string(&deployment.bundle.entry).map_err(|e| e.to_string())?;
-        let env = serde_json::to_string(&deployment.env_json()).map_err(|e| e.to_string())?;
-        // Take the boot function and remove it from the global scope before
-        // any tenant code runs.
-        let script = format!(
-            "(() => {{ const k = Symbol.for('atoll.boot'); const boot = globalThis[k]; \
-             delete globalThis[k]; boot({entry}, {env}); }})()"
-        );
-        self.js
-            .execute_script("ext:atoll/boot.js", script)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let env = deployment.env_json();
+        let entry = &deployment.bundle.entry;
+        self.call_entry(|e| &e.boot, [Arg::Str(entry), Arg::Str(&env)])
+    }
+
+    /// Calls one of bootstrap.js's entry points. A call ended by
+    /// termination (a limit) is not an error here: the caller sees the
+    /// limit's flag.
+    fn call_entry<const N: usize>(
+        &mut self,
+        which: impl FnOnce(&EntryPoints) -> &v8::Global<v8::Function>,
+        args: [Arg<'_>; N],
+    ) -> Result<(), String> {
+        let Some(entry_points) = &self.entry_points else {
+            return Err("the isolate was not prepared".into());
+        };
+        let context = self.js.main_context();
+        let isolate = &mut *self.js.v8_isolate();
+        v8::scope!(let scope, isolate);
+        let context = v8::Local::new(scope, context);
+        let scope = &mut v8::ContextScope::new(scope, context);
+        v8::tc_scope!(let scope, scope);
+        let f = v8::Local::new(scope, which(entry_points));
+        let mut values = [v8::null(scope).into(); N];
+        for (value, arg) in values.iter_mut().zip(args) {
+            *value = match arg {
+                Arg::U32(n) => v8::Integer::new_from_unsigned(scope, n).into(),
+                Arg::Str(s) => match v8::String::new(scope, s) {
+                    Some(s) => s.into(),
+                    None => return Err("an argument is too long for V8".into()),
+                },
+                Arg::Null => v8::null(scope).into(),
+            };
+        }
+        let recv = v8::undefined(scope).into();
+        if f.call(scope, recv, &values).is_some() || scope.is_execution_terminating() {
+            return Ok(());
+        }
+        Err(scope
+            .exception()
+            .map(|e| e.to_rust_string_lossy(scope))
+            .unwrap_or_else(|| "unknown error".into()))
     }
 
     /// Bytes of V8 heap in use, and the memory the isolate holds (heap
@@ -235,6 +245,19 @@ impl Isolate {
             stats.total_physical_size() + stats.external_memory(),
         )
     }
+}
+
+/// An argument to an entry point.
+enum Arg<'a> {
+    U32(u32),
+    Str(&'a str),
+    Null,
+}
+
+/// bootstrap.js's functions the host calls.
+struct EntryPoints {
+    boot: v8::Global<v8::Function>,
+    dispatch: v8::Global<v8::Function>,
 }
 
 impl Drop for Isolate {

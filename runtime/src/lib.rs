@@ -253,7 +253,6 @@ impl Runtime {
         deployment: Arc<Deployment>,
         request: HttpRequest,
     ) -> Result<OutgoingResponse, DispatchError> {
-        let wall = deployment.limits.wall_per_request;
         let (tx, rx) = oneshot::channel();
         let msg = WorkerMsg::Dispatch {
             deployment: deployment.clone(),
@@ -265,21 +264,12 @@ impl Runtime {
         if self.deliver(self.home_of(&deployment.tenant), msg).is_err() {
             return Err(DispatchError::Unavailable("the runtime has stopped".into()));
         }
-        // The isolate enforces the wall clock too; this bound also covers a
-        // request stuck in a queue.
-        let outcome = match tokio::time::timeout(wall + wall / 10, rx).await {
-            Err(_) => {
-                return Err(DispatchError::Limit(
-                    LimitKind::WallClock,
-                    format!("no response within {} ms", wall.as_millis()),
-                ));
-            }
-            Ok(Err(_)) => {
-                return Err(DispatchError::Unavailable(
-                    "the isolate stopped before answering".into(),
-                ));
-            }
-            Ok(Ok(outcome)) => outcome,
+        // No timer here: the isolate's task fails requests past the wall
+        // clock, queued or running, and a dead isolate drops `tx`.
+        let Ok(outcome) = rx.await else {
+            return Err(DispatchError::Unavailable(
+                "the isolate stopped before answering".into(),
+            ));
         };
         outcome.map_err(|e| match e.kind {
             FailureKind::Exception => DispatchError::Exception(e.detail),
