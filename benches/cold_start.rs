@@ -50,22 +50,32 @@ fn request(tenant: usize) -> HttpRequest {
     }
 }
 
-async fn first_request(rt: &Runtime, tenant: usize) -> Duration {
+/// Times `tenant`'s first request from the worker thread, where the node
+/// serves the connection that carries it.
+async fn first_request(rt: &Arc<Runtime>, tenant: usize) -> Duration {
     let dep = Arc::new(Deployment::new(
         format!("t{tenant}"),
         bundle(tenant),
         BTreeMap::new(),
         Limits::default(),
     ));
-    let t0 = Instant::now();
-    let resp = rt.dispatch(dep, request(tenant)).await.expect("dispatch");
-    let elapsed = t0.elapsed();
-    assert_eq!(resp.status, 200);
-    match resp.body {
-        OutgoingBody::Full(b) => assert!(b.starts_with(b"hello from")),
-        _ => panic!("expected a full body"),
-    }
-    elapsed
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let on_worker = rt.clone();
+    rt.spawn_on_worker(move || async move {
+        let t0 = Instant::now();
+        let resp = on_worker
+            .dispatch(dep, request(tenant))
+            .await
+            .expect("dispatch");
+        let elapsed = t0.elapsed();
+        assert_eq!(resp.status, 200);
+        match resp.body {
+            OutgoingBody::Full(b) => assert!(b.starts_with(b"hello from")),
+            _ => panic!("expected a full body"),
+        }
+        let _ = tx.send(elapsed);
+    });
+    rx.await.expect("the request ran")
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -107,37 +117,18 @@ fn main() {
         .build()
         .expect("tokio");
     tokio_rt.block_on(async move {
-        // 1. Pool hit: new tenants arrive 25 ms apart, so the pool (refilled on
-        //    the same worker thread, ~10-20 ms per isolate) keeps up.
-        let rt = Runtime::start(RuntimeConfig {
-            threads: 1,
-            pool_per_thread: 4,
-            ..RuntimeConfig::default()
-        })
-        .expect("runtime");
+        let rt = Arc::new(
+            Runtime::start(RuntimeConfig {
+                threads: 1,
+                pool_per_thread: 4,
+                ..RuntimeConfig::default()
+            })
+            .expect("runtime"),
+        );
         tokio::time::sleep(Duration::from_millis(500)).await; // pool filled
-        let mut pooled = Vec::with_capacity(samples);
-        for t in 0..samples {
-            pooled.push(first_request(&rt, t).await);
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        report("cold start, isolate from pool", pooled);
-
-        // 2. Pool miss: no pool, every cold start deserializes the snapshot.
-        let rt_nopool = Runtime::start(RuntimeConfig {
-            threads: 1,
-            pool_per_thread: 0,
-            ..RuntimeConfig::default()
-        })
-        .expect("runtime");
-        let mut inline = Vec::with_capacity(samples);
-        for t in 0..samples {
-            inline.push(first_request(&rt_nopool, 100_000 + t).await);
-        }
-        report("cold start, isolate from snapshot", inline);
-        drop(rt_nopool);
-
-        // 3. Idle memory: RSS growth per additional idle tenant isolate.
+        // 1. Idle memory: RSS growth per additional idle tenant isolate,
+        //    measured first, on a fresh runtime: once isolates have come and
+        //    gone, new ones reuse their freed pages and hide the growth.
         let idle: usize = 200;
         let base_tenant = 200_000;
         // Warm up allocator/arena growth with a first batch that is not measured.
@@ -158,12 +149,44 @@ fn main() {
             .flat_map(|s| s.isolates.iter())
             .map(|i| i.heap_used)
             .sum();
+        let physical: usize = stats
+            .iter()
+            .flat_map(|s| s.isolates.iter())
+            .map(|i| i.memory)
+            .sum();
         println!(
-            "idle tenant isolate                RSS {:.2} MiB each ({} isolates, +{:.1} MiB); V8 heap used {:.2} MiB each",
+            "idle tenant isolate                RSS {:.2} MiB each ({} isolates, +{:.1} MiB); V8 heap used {:.2} MiB, physical {:.2} MiB each",
             (after.saturating_sub(before)) as f64 / idle as f64 / 1048576.0,
             idle,
             (after.saturating_sub(before)) as f64 / 1048576.0,
             heap as f64 / live.max(1) as f64 / 1048576.0,
+            physical as f64 / live.max(1) as f64 / 1048576.0,
         );
+
+        // 2. Pool hit: new tenants arrive 25 ms apart, so the pool (refilled on
+        //    the same worker thread, ~10-20 ms per isolate) keeps up.
+        tokio::time::sleep(Duration::from_millis(500)).await; // pool refilled
+        let mut pooled = Vec::with_capacity(samples);
+        for t in 0..samples {
+            pooled.push(first_request(&rt, t).await);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        report("cold start, isolate from pool", pooled);
+
+        // 3. Pool miss: no pool, every cold start deserializes the snapshot.
+        let rt_nopool = Arc::new(
+            Runtime::start(RuntimeConfig {
+                threads: 1,
+                pool_per_thread: 0,
+                ..RuntimeConfig::default()
+            })
+            .expect("runtime"),
+        );
+        let mut inline = Vec::with_capacity(samples);
+        for t in 0..samples {
+            inline.push(first_request(&rt_nopool, 100_000 + t).await);
+        }
+        report("cold start, isolate from snapshot", inline);
+        drop(rt_nopool);
     });
 }
