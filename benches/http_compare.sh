@@ -9,6 +9,7 @@
 #
 #   benches/http_compare.sh
 #   DURATION=30s CONNECTIONS=128 benches/http_compare.sh
+#   ATOLL_BIN=path/to/atoll benches/http_compare.sh   # skip the build
 #
 # Needs cargo and npm; installs wrk with apt-get and deno/workerd from npm.
 . "$(dirname "$0")/lib.sh"

@@ -50,6 +50,11 @@ setup_tools() {
     RUSTY_V8_ARCHIVE="$(realpath "$archive")"
     export RUSTY_V8_ARCHIVE
   fi
+  if [ -n "${ATOLL_BIN:-}" ]; then
+    # A release binary built elsewhere (e.g. with symbols, for profiling).
+    atoll=$(realpath "$ATOLL_BIN")
+    return
+  fi
   step "building atoll (release; the first build takes a while)"
   (cd "$root" && cargo build --release --quiet --bin atoll)
   atoll="$root/target/release/atoll"
