@@ -45,7 +45,7 @@ fn request(tenant: usize) -> HttpRequest {
         request_id: format!("bench-{tenant}"),
         method: "GET".into(),
         url: format!("http://t{tenant}.example/"),
-        headers: Vec::new(),
+        headers: Default::default(),
         body: RequestBody::Empty,
     }
 }

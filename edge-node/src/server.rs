@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use atoll_runtime::{ByteString, DispatchError, HttpRequest, LimitKind, Runtime};
+use atoll_runtime::{DispatchError, HttpRequest, LimitKind, Runtime};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -298,21 +298,11 @@ impl EdgeNode {
             deployment = %deployment.version
         );
         async move {
-            let headers = parts
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        ByteString::from(k.as_str().as_bytes().to_vec()),
-                        ByteString::from(v.as_bytes().to_vec()),
-                    )
-                })
-                .collect();
             let request = HttpRequest {
                 request_id: request_id.clone(),
                 method: method.to_string(),
                 url: format!("{scheme}://{host}{path}"),
-                headers,
+                headers: parts.headers,
                 body: request_body(body, self.limits.max_body_bytes),
             };
             let result = self.runtime.dispatch(deployment.clone(), request).await;

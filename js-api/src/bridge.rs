@@ -33,8 +33,8 @@ pub struct IncomingRequest {
     pub method: String,
     /// Absolute URL as the handler will see it.
     pub url: String,
-    /// Header list in arrival order.
-    pub headers: Vec<(ByteString, ByteString)>,
+    /// Headers as the server parsed them; converted for JS only if read.
+    pub headers: http::HeaderMap,
     /// Request body.
     pub body: RequestBody,
     /// Receives the response head (or the handler's error) exactly once.
@@ -112,7 +112,7 @@ pub(crate) struct Pending {
     pub(crate) request_id: String,
     /// The request's headers until JS first asks for them (most handlers
     /// never do, so they are not converted up front).
-    pub(crate) headers: Option<Vec<(ByteString, ByteString)>>,
+    pub(crate) headers: Option<http::HeaderMap>,
     /// The request body resource, closed when the request finishes so an
     /// unread upload does not hold the client's connection.
     pub(crate) body_rid: Option<deno_core::ResourceId>,

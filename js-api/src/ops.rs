@@ -100,6 +100,17 @@ pub fn op_atoll_request_headers(
         .borrow_mut()
         .get_mut(&id)
         .and_then(|p| p.headers.take())
+        .map(|headers| {
+            headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        ByteString::from(k.as_str().as_bytes()),
+                        ByteString::from(v.as_bytes()),
+                    )
+                })
+                .collect()
+        })
         .ok_or_else(|| JsErrorBox::type_error("the request has finished"))
 }
 

@@ -45,8 +45,8 @@ pub struct HttpRequest {
     pub method: String,
     /// Absolute URL the handler sees.
     pub url: String,
-    /// Header list.
-    pub headers: Vec<(ByteString, ByteString)>,
+    /// Headers; handlers that never read them never pay for converting them.
+    pub headers: http::HeaderMap,
     /// Body.
     pub body: RequestBody,
 }
