@@ -101,3 +101,48 @@ async fn the_most_specific_route_wins() {
         assert_eq!(text, expected, "{host}{path}");
     }
 }
+
+/// Connections are served on whichever worker thread has the fewest, but a
+/// tenant's requests all reach its one isolate: with two threads and four
+/// open connections, each tenant is reached both from its own thread and
+/// from the other, and its module-level counter still counts every request
+/// once, in order.
+#[tokio::test]
+async fn every_connection_reaches_the_tenants_one_isolate() {
+    let counter = r#"
+        let n = 0;
+        export default { fetch() { n += 1; return new Response(String(n)); } };
+    "#;
+    let dev = Dev::start(
+        &[("a.js", counter), ("b.js", counter)],
+        &["a.local=a.js", "b.local=b.js", "--threads", "2"],
+    );
+    // Four clients, each with its own keep-alive connection, opened at once
+    // so the node spreads them over both worker threads.
+    let clients: Vec<_> = (0..4).map(|_| client()).collect();
+    let url = dev.url("/");
+    let first = clients.iter().map(|c| get_text(c, &url, Some("a.local")));
+    let mut seen_a: Vec<u32> = futures_util::future::join_all(first)
+        .await
+        .iter()
+        .map(|t| t.parse().expect("a number"))
+        .collect();
+    let mut seen_b = Vec::new();
+    for round in 0..3 {
+        for c in &clients {
+            let tenant = if round % 2 == 0 { "b.local" } else { "a.local" };
+            let n: u32 = get_text(c, &url, Some(tenant))
+                .await
+                .parse()
+                .expect("a number");
+            if tenant == "a.local" {
+                seen_a.push(n);
+            } else {
+                seen_b.push(n);
+            }
+        }
+    }
+    seen_a.sort_unstable();
+    assert_eq!(seen_a, (1..=8).collect::<Vec<_>>(), "tenant a's counter");
+    assert_eq!(seen_b, (1..=8).collect::<Vec<_>>(), "tenant b's counter");
+}

@@ -13,6 +13,8 @@ pub struct Dev {
     pub base: String,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
+    /// The threads copying stdout and stderr; they end when the process does.
+    pumps: Vec<std::thread::JoinHandle<()>>,
     /// The project directory the handlers live in.
     pub dir: tempfile::TempDir,
 }
@@ -56,8 +58,10 @@ impl Dev {
             .expect("spawn atoll dev");
         let stdout = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
-        pump(child.stdout.take().expect("stdout"), stdout.clone());
-        pump(child.stderr.take().expect("stderr"), stderr.clone());
+        let pumps = vec![
+            pump(child.stdout.take().expect("stdout"), stdout.clone()),
+            pump(child.stderr.take().expect("stderr"), stderr.clone()),
+        ];
         let started = Instant::now();
         let base = loop {
             if let Some(line) = stdout
@@ -87,6 +91,7 @@ impl Dev {
             base,
             stdout,
             stderr,
+            pumps,
             dir,
         }
     }
@@ -105,12 +110,25 @@ impl Dev {
             .expect("listening address")
     }
 
-    /// The admin listener's base URL, as `atoll node` printed it.
+    /// The admin listener's base URL, as `atoll node` printed it (the line
+    /// may come just after the listeners' lines that `start` waits for).
     pub fn admin(&self) -> String {
-        self.out()
-            .lines()
-            .find_map(|l| l.strip_prefix("atoll node: admin on ").map(str::to_string))
-            .expect("admin address printed")
+        let started = Instant::now();
+        loop {
+            if let Some(admin) = self
+                .out()
+                .lines()
+                .find_map(|l| l.strip_prefix("atoll node: admin on ").map(str::to_string))
+            {
+                return admin;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no admin address printed in 20 s:\n{}",
+                self.out()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Everything the process wrote to stderr (its log) so far.
@@ -146,6 +164,10 @@ impl Dev {
         let started = Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
+                // Its last lines may still be in the pipes: read them all.
+                for pump in self.pumps.drain(..) {
+                    let _ = pump.join();
+                }
                 return status;
             }
             assert!(
@@ -177,7 +199,10 @@ fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(path, text).expect("write file");
 }
 
-fn pump(src: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) {
+fn pump(
+    src: impl std::io::Read + Send + 'static,
+    into: Arc<Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(src).lines() {
             let Ok(line) = line else { break };
@@ -185,7 +210,7 @@ fn pump(src: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) {
             s.push_str(&line);
             s.push('\n');
         }
-    });
+    })
 }
 
 /// Writes `files` and runs `atoll ARGS…` to completion.
