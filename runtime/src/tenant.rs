@@ -209,6 +209,16 @@ impl TenantSlot {
         st.wake();
     }
 
+    /// Memory the isolate holds, as last sampled.
+    pub(crate) fn memory(&self) -> usize {
+        self.state.borrow().memory
+    }
+
+    /// When it last received a request.
+    pub(crate) fn last_used(&self) -> Option<Instant> {
+        self.state.borrow().last_used
+    }
+
     pub(crate) fn info(&self) -> IsolateInfo {
         let st = self.state.borrow();
         IsolateInfo {

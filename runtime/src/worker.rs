@@ -234,10 +234,11 @@ impl Worker {
     /// only thrash.
     fn enforce_budget(&self, keep: &str) {
         let mut slots = self.slots.borrow_mut();
+        // Runs at every cold start over every isolate: no allocation here.
         let total: usize = slots
             .values()
             .filter(|s| s.is_alive())
-            .map(|s| s.info().memory)
+            .map(|s| s.memory())
             .sum();
         if total <= self.config.memory_budget {
             return;
@@ -245,10 +246,7 @@ impl Worker {
         let idle = slots
             .iter()
             .filter(|(tenant, s)| tenant.as_str() != keep && s.is_alive() && s.is_idle())
-            .map(|(tenant, s)| {
-                let info = s.info();
-                (tenant.clone(), info.memory, info.last_used)
-            })
+            .map(|(tenant, s)| (tenant.clone(), s.memory(), s.last_used()))
             .collect();
         for (tenant, memory) in victims(idle, total, self.config.memory_budget) {
             if let Some(slot) = slots.remove(&tenant) {
