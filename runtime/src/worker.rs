@@ -75,6 +75,9 @@ pub struct WorkerStats {
     pub cpu_by_tenant: Vec<(String, Duration)>,
 }
 
+/// Turns of the event loop the pool waits before booting a replacement.
+const REFILL_YIELDS: usize = 4;
+
 /// How often the memory budget is checked between cold starts (isolates
 /// grow while they serve).
 const BUDGET_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -307,7 +310,11 @@ impl Worker {
 async fn refill_pool(worker: Rc<Worker>) {
     loop {
         while worker.pool.borrow().len() < worker.config.pool_target {
-            tokio::task::yield_now().await;
+            // The cold start that emptied the slot goes first: booting an
+            // isolate takes the thread for several milliseconds.
+            for _ in 0..REFILL_YIELDS {
+                tokio::task::yield_now().await;
+            }
             let isolate = Isolate::new(worker.config.default_heap, &worker.config.client);
             worker.pool.borrow_mut().push(isolate);
         }
