@@ -150,10 +150,16 @@ impl Isolate {
             .map(|e| format!("the request could not be dispatched: {e}"));
         if let Some(detail) = failure {
             let state = self.js.op_state();
-            let state = state.borrow();
+            let mut state = state.borrow_mut();
             state
                 .borrow::<HostBridge>()
                 .fail_one(id, FailureKind::Exception, &detail);
+            // Nobody will read the body: let the client's upload go.
+            if let Some(rid) = accepted.body_rid
+                && let Ok(body) = state.resource_table.take_any(rid)
+            {
+                body.close();
+            }
         }
     }
 
@@ -227,7 +233,15 @@ impl Isolate {
             };
         }
         let recv = v8::undefined(scope).into();
-        if f.call(scope, recv, &values).is_some() || scope.is_execution_terminating() {
+        if f.call(scope, recv, &values).is_some() {
+            return Ok(());
+        }
+        if scope.has_terminated() || scope.is_execution_terminating() {
+            // V8 cancels a termination when it leaves the outermost
+            // try/catch, and this is it: terminate again, so no more of the
+            // tenant's JS (say, a loop queued as a microtask) runs before
+            // the isolate's task sees the limit's flag and ends it.
+            scope.terminate_execution();
             return Ok(());
         }
         Err(scope

@@ -264,12 +264,22 @@ impl Runtime {
         if self.deliver(self.home_of(&deployment.tenant), msg).is_err() {
             return Err(DispatchError::Unavailable("the runtime has stopped".into()));
         }
-        // No timer here: the isolate's task fails requests past the wall
-        // clock, queued or running, and a dead isolate drops `tx`.
-        let Ok(outcome) = rx.await else {
-            return Err(DispatchError::Unavailable(
-                "the isolate stopped before answering".into(),
-            ));
+        // The isolate's task fails requests past the wall clock, queued or
+        // running; this bound is the backstop should its thread be stuck.
+        let wall = deployment.limits.wall_per_request;
+        let outcome = match tokio::time::timeout(wall + wall / 10, rx).await {
+            Err(_) => {
+                return Err(DispatchError::Limit(
+                    LimitKind::WallClock,
+                    format!("no response within {} ms", wall.as_millis()),
+                ));
+            }
+            Ok(Err(_)) => {
+                return Err(DispatchError::Unavailable(
+                    "the isolate stopped before answering".into(),
+                ));
+            }
+            Ok(Ok(outcome)) => outcome,
         };
         outcome.map_err(|e| match e.kind {
             FailureKind::Exception => DispatchError::Exception(e.detail),

@@ -220,15 +220,22 @@ fn watch(shared: Arc<Shared>) {
         if idle < IDLE_SAMPLES_BEFORE_SLEEP {
             continue;
         }
-        let mut sleeping = lock(&shared.sleep);
+        let sleeping = lock(&shared.sleep);
         shared.asleep.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
         // Re-read the slots: a worker registered since may be the one arming.
-        while !lock(&shared.slots).iter().any(|s| lock(&s.armed).is_some()) {
-            sleeping = shared
-                .wake
-                .wait(sleeping)
-                .unwrap_or_else(|e| e.into_inner());
+        if !lock(&shared.slots).iter().any(|s| lock(&s.armed).is_some()) {
+            // Woken by an arm (or spuriously): go back to sampling for a
+            // while even if that poll has already disarmed, so a run of
+            // short polls wakes this thread once, not once per poll.
+            drop(
+                shared
+                    .wake
+                    .wait(sleeping)
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+        } else {
+            drop(sleeping);
         }
         shared.asleep.store(false, Ordering::SeqCst);
         idle = 0;

@@ -363,8 +363,20 @@ async fn drive(
         watch.arm(t0, budget, handle.clone(), terminated.clone());
         let sample = memory_sampled.is_none_or(|at| at.elapsed() >= MEMORY_SAMPLE_EVERY);
         let (polled, memory) = isolate.run(|iso| {
+            let stopped = |iso: &Isolate| {
+                terminated.load(Ordering::SeqCst) || iso.heap_exceeded.load(Ordering::SeqCst)
+            };
             for req in admitted.drain(..) {
                 iso.deliver(req);
+                if stopped(iso) {
+                    // A limit ended the handler: run nothing more here; the
+                    // requests not yet delivered are dropped with the rest
+                    // of this drain, so their clients hear the isolate ended.
+                    break;
+                }
+            }
+            if stopped(iso) {
+                return (Poll::Pending, None);
             }
             let polled = iso.js.poll_event_loop(cx, PollEventLoopOptions::default());
             (polled, sample.then(|| iso.memory()))

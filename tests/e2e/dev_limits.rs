@@ -10,7 +10,21 @@ export default {
     served++;
     const path = new URL(request.url).pathname;
     if (path === "/loop") { for (;;) {} }
+    if (path === "/loop-then") {
+      // A second loop waits in a microtask: stopping the first must not
+      // let this one run unwatched.
+      Promise.resolve().then(() => { for (;;) {} });
+      for (;;) {}
+    }
     if (path === "/bomb") {
+      const hoard = [];
+      for (;;) hoard.push(new Array(100000).fill(Math.random()));
+    }
+    if (path === "/bomb-then") {
+      Promise.resolve().then(() => {
+        const more = [];
+        for (;;) more.push(new Array(100000).fill(1));
+      });
       const hoard = [];
       for (;;) hoard.push(new Array(100000).fill(Math.random()));
     }
@@ -45,6 +59,22 @@ async fn infinite_loop_is_terminated_and_the_next_request_works() {
     let resp = c.get(dev.url("/")).send().await.expect("request");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.expect("text"), "served=1");
+    // The same with a loop queued behind the first: the isolate stays
+    // terminated, it does not go on to run the queued one.
+    let resp = c
+        .get(dev.url("/loop-then"))
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .expect("a /loop-then response within 10 s");
+    assert_eq!(resp.status(), 503);
+    let resp = c
+        .get(dev.url("/"))
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .expect("request after /loop-then");
+    assert_eq!(resp.text().await.expect("text"), "served=1");
 }
 
 #[tokio::test]
@@ -60,6 +90,21 @@ async fn heap_bomb_is_terminated_and_the_next_request_works() {
     dev.wait_for_log("heap limit of 64 MiB exceeded").await;
     let resp = c.get(dev.url("/")).send().await.expect("request");
     assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.expect("text"), "served=1");
+    // A second bomb queued as a microtask must not get to run either.
+    let resp = c
+        .get(dev.url("/bomb-then"))
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .expect("a /bomb-then response within 10 s");
+    assert_eq!(resp.status(), 503);
+    let resp = c
+        .get(dev.url("/"))
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .expect("request after /bomb-then");
     assert_eq!(resp.text().await.expect("text"), "served=1");
 }
 
