@@ -78,6 +78,18 @@ async fn first_request(rt: &Arc<Runtime>, tenant: usize) -> Duration {
     rx.await.expect("the request ran")
 }
 
+/// A one-thread runtime keeping `pool` pre-booted isolates.
+fn runtime(pool: usize) -> Arc<Runtime> {
+    Arc::new(
+        Runtime::start(RuntimeConfig {
+            threads: 1,
+            pool_per_thread: pool,
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime"),
+    )
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx]
@@ -117,14 +129,7 @@ fn main() {
         .build()
         .expect("tokio");
     tokio_rt.block_on(async move {
-        let rt = Arc::new(
-            Runtime::start(RuntimeConfig {
-                threads: 1,
-                pool_per_thread: 4,
-                ..RuntimeConfig::default()
-            })
-            .expect("runtime"),
-        );
+        let rt = runtime(4);
         tokio::time::sleep(Duration::from_millis(500)).await; // pool filled
         // 1. Idle memory: RSS growth per additional idle tenant isolate,
         //    measured first, on a fresh runtime: once isolates have come and
@@ -174,14 +179,7 @@ fn main() {
         report("cold start, isolate from pool", pooled);
 
         // 3. Pool miss: no pool, every cold start deserializes the snapshot.
-        let rt_nopool = Arc::new(
-            Runtime::start(RuntimeConfig {
-                threads: 1,
-                pool_per_thread: 0,
-                ..RuntimeConfig::default()
-            })
-            .expect("runtime"),
-        );
+        let rt_nopool = runtime(0);
         let mut inline = Vec::with_capacity(samples);
         for t in 0..samples {
             inline.push(first_request(&rt_nopool, 100_000 + t).await);

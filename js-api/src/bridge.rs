@@ -181,11 +181,6 @@ impl HostBridge {
         self.fetch_limits.set(limits);
     }
 
-    /// Number of requests the isolate has taken but not finished.
-    pub fn in_flight(&self) -> usize {
-        self.pending.borrow().len()
-    }
-
     /// Fails every request the isolate has taken, e.g. after it was
     /// terminated; their clients get `error` instead of hanging.
     pub fn fail_all(&self, kind: FailureKind, detail: &str) {

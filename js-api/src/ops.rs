@@ -132,19 +132,8 @@ pub fn op_atoll_respond(
     #[serde] headers: Vec<(ByteString, ByteString)>,
     #[buffer(copy)] body: Option<Vec<u8>>,
 ) {
-    let body = match body {
-        Some(b) if !b.is_empty() => OutgoingBody::Full(Bytes::from(b)),
-        _ => OutgoingBody::Empty,
-    };
-    send_head(
-        state,
-        id,
-        Ok(OutgoingResponse {
-            status,
-            headers,
-            body,
-        }),
-    );
+    let body = body.map(Bytes::from).unwrap_or_default();
+    respond_full(state, id, status, headers, body);
 }
 
 /// Answers request `id` with a body given as a string (the common
@@ -157,10 +146,22 @@ pub fn op_atoll_respond_text(
     #[serde] headers: Vec<(ByteString, ByteString)>,
     #[string] body: &str,
 ) {
+    let body = Bytes::copy_from_slice(body.as_bytes());
+    respond_full(state, id, status, headers, body);
+}
+
+/// Sends request `id`'s response head with a body known in full.
+fn respond_full(
+    state: &OpState,
+    id: u32,
+    status: u16,
+    headers: Vec<(ByteString, ByteString)>,
+    body: Bytes,
+) {
     let body = if body.is_empty() {
         OutgoingBody::Empty
     } else {
-        OutgoingBody::Full(Bytes::copy_from_slice(body.as_bytes()))
+        OutgoingBody::Full(body)
     };
     send_head(
         state,

@@ -220,22 +220,17 @@ fn watch(shared: Arc<Shared>) {
         if idle < IDLE_SAMPLES_BEFORE_SLEEP {
             continue;
         }
-        let sleeping = lock(&shared.sleep);
-        shared.asleep.store(true, Ordering::SeqCst);
-        std::sync::atomic::fence(Ordering::SeqCst);
-        // Re-read the slots: a worker registered since may be the one arming.
-        if !lock(&shared.slots).iter().any(|s| lock(&s.armed).is_some()) {
-            // Woken by an arm (or spuriously): go back to sampling for a
-            // while even if that poll has already disarmed, so a run of
-            // short polls wakes this thread once, not once per poll.
-            drop(
-                shared
-                    .wake
-                    .wait(sleeping)
-                    .unwrap_or_else(|e| e.into_inner()),
-            );
-        } else {
-            drop(sleeping);
+        {
+            let sleeping = lock(&shared.sleep);
+            shared.asleep.store(true, Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            // Re-read the slots: a worker registered since may be the one arming.
+            if !lock(&shared.slots).iter().any(|s| lock(&s.armed).is_some()) {
+                // Woken by an arm (or spuriously): go back to sampling for
+                // a while even if that poll has already disarmed, so a run
+                // of short polls wakes this thread once, not once per poll.
+                let _sleeping = shared.wake.wait(sleeping);
+            }
         }
         shared.asleep.store(false, Ordering::SeqCst);
         idle = 0;

@@ -28,10 +28,6 @@ use crate::limits::{CpuWatch, thread_cpu_time};
 /// How often deadlines are checked while requests are in flight.
 const WALL_CHECK_EVERY: Duration = Duration::from_millis(20);
 
-/// Turns of the worker's event loop an idle isolate waits before being
-/// disposed of, so the work that retired it goes first.
-const DISPOSAL_YIELDS: usize = 4;
-
 /// How often an isolate's memory is measured (V8's heap statistics walk
 /// every space: too slow for every poll). Heap limits are enforced by V8
 /// itself; this figure feeds eviction and metrics.
@@ -272,12 +268,8 @@ async fn run(
     }
     if kind == FailureKind::Unavailable {
         // Retired or evicted while idle, typically by the cold start of
-        // another tenant on this thread: let that start answer its first
-        // request before the isolate's disposal (a heap teardown) takes the
-        // thread.
-        for _ in 0..DISPOSAL_YIELDS {
-            tokio::task::yield_now().await;
-        }
+        // another tenant on this thread, which goes first.
+        crate::worker::after_pending_work().await;
     }
     drop(isolate);
 }

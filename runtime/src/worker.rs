@@ -75,8 +75,19 @@ pub struct WorkerStats {
     pub cpu_by_tenant: Vec<(String, Duration)>,
 }
 
-/// Turns of the event loop the pool waits before booting a replacement.
-const REFILL_YIELDS: usize = 4;
+/// Turns of a worker's event loop that background work (disposing of an
+/// isolate, booting a pool replacement) lets pass first.
+const BACKGROUND_YIELDS: usize = 4;
+
+/// Waits until the work already runnable on this worker has had its turns:
+/// a cold start that triggered background work answers its first request
+/// before that work (milliseconds of heap teardown or snapshot boot) takes
+/// the thread.
+pub(crate) async fn after_pending_work() {
+    for _ in 0..BACKGROUND_YIELDS {
+        tokio::task::yield_now().await;
+    }
+}
 
 /// How often the memory budget is checked between cold starts (isolates
 /// grow while they serve).
@@ -310,11 +321,8 @@ impl Worker {
 async fn refill_pool(worker: Rc<Worker>) {
     loop {
         while worker.pool.borrow().len() < worker.config.pool_target {
-            // The cold start that emptied the slot goes first: booting an
-            // isolate takes the thread for several milliseconds.
-            for _ in 0..REFILL_YIELDS {
-                tokio::task::yield_now().await;
-            }
+            // The cold start that emptied the slot goes first.
+            after_pending_work().await;
             let isolate = Isolate::new(worker.config.default_heap, &worker.config.client);
             worker.pool.borrow_mut().push(isolate);
         }

@@ -105,14 +105,7 @@ async fn typescript_graph_with_js_and_json_imports() {
         ],
         &["src/main.ts", "--var", "NAME=atoll"],
     );
-    let body = client()
-        .get(dev.url("/"))
-        .send()
-        .await
-        .expect("request")
-        .text()
-        .await
-        .expect("text");
+    let body = get_text(&client(), &dev.url("/"), None).await;
     assert_eq!(body, "hello atoll 42");
     // console.log output is shown, tagged with tenant and request id.
     let log = dev.wait_for_log("typed log 42").await;

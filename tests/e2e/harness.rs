@@ -112,23 +112,13 @@ impl Dev {
 
     /// The admin listener's base URL, as `atoll node` printed it (the line
     /// may come just after the listeners' lines that `start` waits for).
-    pub fn admin(&self) -> String {
-        let started = Instant::now();
-        loop {
-            if let Some(admin) = self
-                .out()
+    pub async fn admin(&self) -> String {
+        self.wait_for("the admin address on stdout", |dev| {
+            dev.out()
                 .lines()
                 .find_map(|l| l.strip_prefix("atoll node: admin on ").map(str::to_string))
-            {
-                return admin;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "no admin address printed in 20 s:\n{}",
-                self.out()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        })
+        .await
     }
 
     /// Everything the process wrote to stderr (its log) so far.
@@ -143,15 +133,26 @@ impl Dev {
 
     /// Waits until the log contains `needle`.
     pub async fn wait_for_log(&self, needle: &str) -> String {
+        self.wait_for(&format!("{needle:?} in the log"), |dev| {
+            let log = dev.log();
+            log.contains(needle).then_some(log)
+        })
+        .await
+    }
+
+    /// Polls `found` until it gives a value; fails the test after 20 s,
+    /// naming `what` and showing the process's output.
+    async fn wait_for<T>(&self, what: &str, found: impl Fn(&Dev) -> Option<T>) -> T {
         let started = Instant::now();
         loop {
-            let log = self.log();
-            if log.contains(needle) {
-                return log;
+            if let Some(value) = found(self) {
+                return value;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(20),
-                "log never contained {needle:?}; log:\n{log}"
+                "no {what} within 20 s; stdout:\n{}\nlog:\n{}",
+                self.out(),
+                self.log()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

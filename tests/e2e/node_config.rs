@@ -1,6 +1,6 @@
 //! `atoll node --config`: a node built from its config file.
 
-use crate::harness::{Dev, ca_and_leaf, client, run_to_exit};
+use crate::harness::{Dev, ca_and_leaf, client, get_text, run_to_exit};
 
 const CONFIG: &str = r#"
 [node]
@@ -127,7 +127,7 @@ async fn admin_listener_reports_health_metrics_and_tenants() {
             "export default { fetch: () => new Response('api') };\n",
         ),
     ]);
-    let admin = node.admin();
+    let admin = node.admin().await;
     let c = client();
     let get = |path: &str| {
         let c = c.clone();
@@ -331,14 +331,7 @@ async fn https_without_certificates_generates_a_development_one() {
         .resolve("localhost", addr)
         .build()
         .expect("client");
-    let text = c
-        .get(format!("https://localhost:{}/", addr.port()))
-        .send()
-        .await
-        .expect("request")
-        .text()
-        .await
-        .expect("text");
+    let text = get_text(&c, &format!("https://localhost:{}/", addr.port()), None).await;
     assert_eq!(text, "dev tls");
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{Dev, ca_and_leaf, client};
+use crate::harness::{Dev, ca_and_leaf, client, get_text};
 
 /// GETs `path` on `node` with `host`; returns status and body.
 async fn get(c: &reqwest::Client, node: &Dev, host: &str, path: &str) -> (u16, String) {
@@ -21,13 +21,7 @@ async fn get(c: &reqwest::Client, node: &Dev, host: &str, path: &str) -> (u16, S
 
 /// The admin listener's `path` as text.
 async fn admin(c: &reqwest::Client, node: &Dev, path: &str) -> String {
-    c.get(format!("{}{path}", node.admin()))
-        .send()
-        .await
-        .expect("admin request")
-        .text()
-        .await
-        .expect("text")
+    get_text(c, &format!("{}{path}", node.admin().await), None).await
 }
 
 /// Live isolates from `/tenants`.
