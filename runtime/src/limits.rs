@@ -6,7 +6,7 @@
 //! compares each armed worker's clock with its deadline and calls
 //! `terminate_execution` on the isolate that overran.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -108,6 +108,9 @@ struct Shared {
     wake: Condvar,
     /// The watchdog waits on `wake` instead of sampling: arming must wake it.
     asleep: AtomicBool,
+    /// Smallest budget ever armed, in microseconds: it sets how often the
+    /// watchdog samples.
+    min_budget_us: AtomicU64,
 }
 
 /// The watchdog thread; one per runtime.
@@ -116,13 +119,18 @@ pub struct CpuWatchdog {
     shared: Arc<Shared>,
 }
 
-/// How often armed workers' CPU clocks are sampled.
-const SAMPLE_EVERY: Duration = Duration::from_millis(1);
+/// Bounds on how often armed workers' CPU clocks are sampled. Between
+/// them the period is a tenth of the smallest budget, so an overrun is
+/// caught within about 10 % of its budget. Every sample is a thread wake-up
+/// that preempts a worker on a busy core: sampling no faster than that
+/// keeps the watchdog's cost out of request throughput.
+const SAMPLE_MIN: Duration = Duration::from_millis(1);
+const SAMPLE_MAX: Duration = Duration::from_millis(10);
 
-/// Samples with nothing armed before the watchdog sleeps until woken.
-/// Arming is on every poll of every isolate: while workers are busy the
-/// watchdog keeps ticking, so arming costs a lock, not a thread wake-up.
-const IDLE_SAMPLES_BEFORE_SLEEP: u32 = 100;
+/// Time with nothing armed at any sample before the watchdog sleeps until
+/// woken. Arming is on every poll of every isolate: while workers are busy
+/// the watchdog keeps ticking, so arming costs a lock, not a thread wake-up.
+const IDLE_BEFORE_SLEEP: Duration = Duration::from_millis(100);
 
 impl CpuWatchdog {
     /// Starts the watchdog thread.
@@ -132,6 +140,7 @@ impl CpuWatchdog {
             sleep: Mutex::new(()),
             wake: Condvar::new(),
             asleep: AtomicBool::new(false),
+            min_budget_us: AtomicU64::new(u64::MAX),
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -179,6 +188,10 @@ impl CpuWatch {
         isolate: v8::IsolateHandle,
         fired: Arc<AtomicBool>,
     ) {
+        let budget_us = u64::try_from(budget.as_micros()).unwrap_or(u64::MAX);
+        self.shared
+            .min_budget_us
+            .fetch_min(budget_us, Ordering::Relaxed);
         *lock(&self.armed) = Some(Armed {
             deadline: now + budget,
             isolate,
@@ -200,24 +213,34 @@ impl CpuWatch {
 }
 
 fn watch(shared: Arc<Shared>) {
-    let mut idle = 0u32;
+    let mut idle = Duration::ZERO;
+    let mut next_sample = SAMPLE_MIN;
     loop {
-        std::thread::sleep(SAMPLE_EVERY);
+        std::thread::sleep(next_sample);
+        let slept = next_sample;
+        let period = Duration::from_micros(shared.min_budget_us.load(Ordering::Relaxed) / 10)
+            .clamp(SAMPLE_MIN, SAMPLE_MAX);
+        next_sample = period;
         let slots = lock(&shared.slots).clone();
         let mut any_armed = false;
         for slot in &slots {
             let mut armed = lock(&slot.armed);
             let Some(a) = armed.as_ref() else { continue };
             any_armed = true;
-            if clock_time(slot.clock) >= a.deadline
-                && let Some(a) = armed.take()
-            {
-                a.fired.store(true, Ordering::SeqCst);
-                a.isolate.terminate_execution();
+            let used = clock_time(slot.clock);
+            if used >= a.deadline {
+                if let Some(a) = armed.take() {
+                    a.fired.store(true, Ordering::SeqCst);
+                    a.isolate.terminate_execution();
+                }
+            } else {
+                // A CPU clock cannot run faster than the wall clock: the
+                // deadline cannot pass before `deadline - used` from now.
+                next_sample = next_sample.min((a.deadline - used).max(SAMPLE_MIN));
             }
         }
-        idle = if any_armed { 0 } else { idle + 1 };
-        if idle < IDLE_SAMPLES_BEFORE_SLEEP {
+        idle = if any_armed { Duration::ZERO } else { idle + slept };
+        if idle < IDLE_BEFORE_SLEEP {
             continue;
         }
         {
@@ -233,7 +256,8 @@ fn watch(shared: Arc<Shared>) {
             }
         }
         shared.asleep.store(false, Ordering::SeqCst);
-        idle = 0;
+        idle = Duration::ZERO;
+        next_sample = SAMPLE_MIN;
     }
 }
 
