@@ -39,9 +39,6 @@ pub struct IncomingRequest {
     pub body: RequestBody,
     /// Receives the response head (or the handler's error) exactly once.
     pub respond: oneshot::Sender<Result<OutgoingResponse, HandlerError>>,
-    /// Fires (by being sent or dropped) once the handler and every
-    /// `ctx.waitUntil` promise of this request have settled.
-    pub done: oneshot::Sender<()>,
 }
 
 /// The body of a handler's response.
@@ -118,7 +115,6 @@ pub(crate) struct Pending {
     pub(crate) body_rid: Option<deno_core::ResourceId>,
     pub(crate) respond: Option<oneshot::Sender<Result<OutgoingResponse, HandlerError>>>,
     pub(crate) body: Option<mpsc::Sender<Result<Bytes, String>>>,
-    pub(crate) done: Option<oneshot::Sender<()>>,
     /// `fetch()` calls made so far.
     pub(crate) subrequests: usize,
     /// `fetch()` calls still waiting for their response head.
@@ -209,6 +205,12 @@ impl HostBridge {
         had_head
     }
 
+    /// Whether request `id` is still running: taken into the isolate, and
+    /// its handler or a `ctx.waitUntil` promise not yet settled.
+    pub fn is_pending(&self, id: u32) -> bool {
+        self.pending.borrow().contains_key(&id)
+    }
+
     /// Whether request `id` has produced its response head.
     pub fn responded(&self, id: u32) -> bool {
         self.pending
@@ -250,7 +252,6 @@ pub fn accept(state: &mut deno_core::OpState, req: IncomingRequest) -> Accepted 
             body_rid,
             respond: Some(req.respond),
             body: None,
-            done: Some(req.done),
             subrequests: 0,
             open_fetches: 0,
         },

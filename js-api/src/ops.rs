@@ -268,9 +268,6 @@ pub fn op_atoll_request_done(state: &mut OpState, id: u32) {
                 detail: "the handler finished without producing a response".into(),
             }));
         }
-        if let Some(done) = p.done.take() {
-            let _ = done.send(());
-        }
     }
 }
 

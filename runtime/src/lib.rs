@@ -214,10 +214,11 @@ impl Runtime {
 
     /// Sends `msg` to worker `index`, handling it in place when the caller
     /// runs on that worker's thread (no thread crossing, no wake-up).
-    fn deliver(&self, index: usize, msg: WorkerMsg) -> Result<(), ()> {
+    /// Returns whether it was handled in place.
+    fn deliver(&self, index: usize, msg: WorkerMsg) -> Result<bool, ()> {
         match worker::deliver_local(self.id, index, msg) {
-            None => Ok(()),
-            Some(msg) => self.workers[index].send(msg).map_err(|_| ()),
+            None => Ok(true),
+            Some(msg) => self.workers[index].send(msg).map(|_| false).map_err(|_| ()),
         }
     }
 
@@ -261,13 +262,21 @@ impl Runtime {
                 respond: tx,
             },
         };
-        if self.deliver(self.home_of(&deployment.tenant), msg).is_err() {
-            return Err(DispatchError::Unavailable("the runtime has stopped".into()));
-        }
+        let local = match self.deliver(self.home_of(&deployment.tenant), msg) {
+            Ok(local) => local,
+            Err(()) => return Err(DispatchError::Unavailable("the runtime has stopped".into())),
+        };
         // The isolate's task fails requests past the wall clock, queued or
-        // running; this bound is the backstop should its thread be stuck.
+        // running. Across threads, this bound is the backstop should the
+        // isolate's thread be stuck; on that same thread it could not fire
+        // either, so it would only cost a timer per request.
         let wall = deployment.limits.wall_per_request;
-        let outcome = match tokio::time::timeout(wall + wall / 10, rx).await {
+        let answered = if local {
+            Ok(rx.await)
+        } else {
+            tokio::time::timeout(wall + wall / 10, rx).await
+        };
+        let outcome = match answered {
             Err(_) => {
                 return Err(DispatchError::Limit(
                     LimitKind::WallClock,

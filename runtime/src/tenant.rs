@@ -39,17 +39,17 @@ pub(crate) struct Dispatch {
     pub(crate) respond: oneshot::Sender<Result<atoll_js_api::OutgoingResponse, HandlerError>>,
 }
 
+/// A request taken into the isolate; it has finished once the isolate's
+/// bridge no longer lists it as pending.
 struct InFlight {
     cpu: Duration,
     deadline: Instant,
-    done: oneshot::Receiver<()>,
 }
 
 /// A request waiting for one of the isolate's concurrency slots.
 struct Queued {
     incoming: IncomingRequest,
     deadline: Instant,
-    done: oneshot::Receiver<()>,
 }
 
 #[derive(Default)]
@@ -182,7 +182,6 @@ impl TenantSlot {
         let now = Instant::now();
         st.last_used = Some(now);
         st.idle_cpu = Duration::ZERO;
-        let (done_tx, done_rx) = oneshot::channel();
         let r = d.request;
         st.queue.push_back(Queued {
             incoming: IncomingRequest {
@@ -193,10 +192,8 @@ impl TenantSlot {
                 headers: r.headers,
                 body: r.body,
                 respond: d.respond,
-                done: done_tx,
             },
             deadline: now + limits.wall_per_request,
-            done: done_rx,
         });
         st.wake();
     }
@@ -458,9 +455,8 @@ async fn drive(
         let now = Instant::now();
         let mut st = state.borrow_mut();
         st.in_flight.retain(|id, f| {
-            match f.done.try_recv() {
-                Err(oneshot::error::TryRecvError::Empty) => {}
-                _ => return false,
+            if !bridge.is_pending(*id) {
+                return false;
             }
             if now < f.deadline {
                 return true;
@@ -515,7 +511,6 @@ fn admit(st: &mut SlotState, admitted: &mut Vec<IncomingRequest>, max_concurrent
             InFlight {
                 cpu: Duration::ZERO,
                 deadline: q.deadline,
-                done: q.done,
             },
         );
         admitted.push(q.incoming);
