@@ -415,35 +415,26 @@ fn build_response(
     };
     let mut out = Response::new(response_body(resp.body));
     *out.status_mut() = status;
-    let headers = out.headers_mut();
-    for (name, value) in resp.headers {
-        match (
-            HeaderName::from_bytes(&name),
-            HeaderValue::from_bytes(&value),
-        ) {
-            // Framing belongs to the server: a tenant-chosen content-length
-            // that disagrees with the body would desynchronize keep-alive
-            // connections (response smuggling).
-            (Ok(n), Ok(_)) if is_hop_by_hop(&n) => {}
-            (Ok(n), Ok(v)) => {
-                headers.append(n, v);
-            }
-            _ => tracing::warn!("dropped an invalid response header from the worker"),
-        }
+    let mut headers = resp.headers;
+    // Framing belongs to the server: a tenant-chosen content-length that
+    // disagrees with the body would desynchronize keep-alive connections
+    // (response smuggling).
+    for name in HOP_BY_HOP {
+        headers.remove(name);
     }
+    *out.headers_mut() = headers;
     out
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "content-length"
-            | "transfer-encoding"
-            | "connection"
-            | "keep-alive"
-            | "upgrade"
-            | "te"
-            | "trailer"
-            | "proxy-connection"
-    )
-}
+/// Headers that describe the connection or the body's framing, not the
+/// response: hyper sets them from the body it sends.
+const HOP_BY_HOP: [&str; 8] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+];

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use deno_core::ByteString;
 use tokio::sync::{mpsc, oneshot};
 
 /// A chunk of a request body as produced by the host's HTTP server.
@@ -57,8 +56,8 @@ pub enum OutgoingBody {
 pub struct OutgoingResponse {
     /// HTTP status.
     pub status: u16,
-    /// Header list.
-    pub headers: Vec<(ByteString, ByteString)>,
+    /// Headers, in the order the handler set them.
+    pub headers: http::HeaderMap,
     /// Body.
     pub body: OutgoingBody,
 }

@@ -6,6 +6,7 @@
 //! the runtime's startup snapshot.
 
 pub mod bridge;
+mod header_list;
 mod ops;
 
 pub use bridge::{

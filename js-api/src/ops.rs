@@ -8,11 +8,12 @@ use std::rc::Rc;
 use bytes::Bytes;
 use deno_core::{
     AsyncRefCell, AsyncResult, BufView, ByteString, CancelFuture, CancelHandle, OpState, RcRef,
-    Resource, op2,
+    Resource, op2, v8,
 };
 use deno_error::JsErrorBox;
 use tokio::sync::mpsc;
 
+use crate::header_list;
 use crate::bridge::{
     BodyChunks, FailureKind, HandlerError, HostBridge, LogLine, OutgoingBody, OutgoingResponse,
 };
@@ -125,39 +126,39 @@ fn send_head(state: &OpState, id: u32, response: Result<OutgoingResponse, Handle
 
 /// Answers request `id` with a body known in full.
 #[op2]
-pub fn op_atoll_respond(
-    state: &mut OpState,
+pub fn op_atoll_respond<'s>(
+    scope: &mut v8::PinScope<'s, '_>,
+    state: Rc<RefCell<OpState>>,
     id: u32,
     #[smi] status: u16,
-    #[serde] headers: Vec<(ByteString, ByteString)>,
+    headers: v8::Local<'s, v8::Array>,
     #[buffer(copy)] body: Option<Vec<u8>>,
-) {
+) -> Result<(), JsErrorBox> {
+    let headers = header_list::from_v8(scope, headers)?;
     let body = body.map(Bytes::from).unwrap_or_default();
-    respond_full(state, id, status, headers, body);
+    respond_full(&state.borrow(), id, status, headers, body);
+    Ok(())
 }
 
 /// Answers request `id` with a body given as a string (the common
 /// `new Response("...")`), without encoding it into a buffer in JS first.
-#[op2]
-pub fn op_atoll_respond_text(
-    state: &mut OpState,
+#[op2(fast)]
+pub fn op_atoll_respond_text<'s>(
+    scope: &mut v8::PinScope<'s, '_>,
+    state: Rc<RefCell<OpState>>,
     id: u32,
     #[smi] status: u16,
-    #[serde] headers: Vec<(ByteString, ByteString)>,
+    headers: v8::Local<'s, v8::Array>,
     #[string] body: &str,
-) {
+) -> Result<(), JsErrorBox> {
+    let headers = header_list::from_v8(scope, headers)?;
     let body = Bytes::copy_from_slice(body.as_bytes());
-    respond_full(state, id, status, headers, body);
+    respond_full(&state.borrow(), id, status, headers, body);
+    Ok(())
 }
 
 /// Sends request `id`'s response head with a body known in full.
-fn respond_full(
-    state: &OpState,
-    id: u32,
-    status: u16,
-    headers: Vec<(ByteString, ByteString)>,
-    body: Bytes,
-) {
+fn respond_full(state: &OpState, id: u32, status: u16, headers: http::HeaderMap, body: Bytes) {
     let body = if body.is_empty() {
         OutgoingBody::Empty
     } else {
@@ -175,19 +176,22 @@ fn respond_full(
 }
 
 /// Answers request `id` with a streamed body; JS then writes the chunks.
-#[op2]
-pub fn op_atoll_respond_stream(
-    state: &mut OpState,
+#[op2(fast)]
+pub fn op_atoll_respond_stream<'s>(
+    scope: &mut v8::PinScope<'s, '_>,
+    state: Rc<RefCell<OpState>>,
     id: u32,
     #[smi] status: u16,
-    #[serde] headers: Vec<(ByteString, ByteString)>,
-) {
+    headers: v8::Local<'s, v8::Array>,
+) -> Result<(), JsErrorBox> {
+    let headers = header_list::from_v8(scope, headers)?;
+    let state = state.borrow();
     let (tx, rx) = mpsc::channel(RESPONSE_CHUNK_BUFFER);
-    if let Some(p) = bridge(state).pending.borrow_mut().get_mut(&id) {
+    if let Some(p) = bridge(&state).pending.borrow_mut().get_mut(&id) {
         p.body = Some(tx);
     }
     send_head(
-        state,
+        &state,
         id,
         Ok(OutgoingResponse {
             status,
@@ -195,6 +199,7 @@ pub fn op_atoll_respond_stream(
             body: OutgoingBody::Stream(rx),
         }),
     );
+    Ok(())
 }
 
 /// Writes one chunk of a streamed body. Resolves `false` when the client is
