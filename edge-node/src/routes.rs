@@ -141,7 +141,7 @@ impl Routes {
 
     /// The deployment for a request to `host` (which may carry a port) and `path`.
     pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Deployment>> {
-        let host = strip_port(host).to_ascii_lowercase();
+        let host = lowercase(strip_port(host));
         let host = host.trim_end_matches('.');
         let path = path.split(['?', '#']).next().unwrap_or("/");
         self.routes
@@ -154,7 +154,7 @@ impl Routes {
     /// The deployments of the most specific host pattern matching `host`,
     /// whatever the path: what a request to `host` will most likely need.
     pub fn for_host(&self, host: &str) -> Vec<Arc<Deployment>> {
-        let host = strip_port(host).to_ascii_lowercase();
+        let host = lowercase(strip_port(host));
         let host = host.trim_end_matches('.');
         let matching = self.routes.iter().filter(|r| r.host.matches(host));
         let Some(best) = matching.clone().map(|r| r.host.rank()).max() else {
@@ -172,6 +172,16 @@ impl Routes {
     /// Every deployment routed to.
     pub fn deployments(&self) -> impl Iterator<Item = &Arc<Deployment>> {
         self.routes.iter().map(|r| &r.deployment)
+    }
+}
+
+/// `host` in ASCII lowercase, copied only if it has capitals (clients
+/// almost always send it lowercase already).
+fn lowercase(host: &str) -> std::borrow::Cow<'_, str> {
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        host.to_ascii_lowercase().into()
+    } else {
+        host.into()
     }
 }
 

@@ -11,7 +11,7 @@ use atoll_runtime::{DispatchError, HttpRequest, LimitKind, Runtime};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
@@ -109,23 +109,7 @@ impl EdgeNode {
         shutdown: impl Future<Output = ()>,
         drain_deadline: std::time::Duration,
     ) -> std::io::Result<()> {
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(hyper_util::rt::TokioTimer::new())
-            // hyper answers an oversized head with 431 itself.
-            .max_buf_size(self.limits.max_header_bytes.max(8192))
-            .header_read_timeout(self.limits.header_read_timeout)
-            // Head and body go out in one buffer and one send(): a writev
-            // of two small slices costs more in the kernel than the copy.
-            .writev(false);
-        builder
-            .http2()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .max_header_list_size(u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX))
-            // Idle or dead HTTP/2 peers are detected and dropped.
-            .keep_alive_interval(std::time::Duration::from_secs(30))
-            .keep_alive_timeout(std::time::Duration::from_secs(10));
+        let protocols = Protocols::new(&self.limits);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
@@ -158,7 +142,7 @@ impl EdgeNode {
                 async move { Ok::<_, Infallible>(node.handle(req, peer, scheme).await) }
             });
             let watcher = graceful.watcher();
-            let builder = builder.clone();
+            let protocols = protocols.clone();
             let tls = tls.clone();
             let warm_node = self.clone();
             let handshake_timeout = self.limits.header_read_timeout;
@@ -173,15 +157,22 @@ impl EdgeNode {
                 let result = match tls {
                     None => {
                         // hyper's header timeout starts only once it knows
-                        // the protocol: bound the wait for the first byte.
-                        let mut first = [0u8; 1];
-                        match tokio::time::timeout(handshake_timeout, stream.peek(&mut first)).await
-                        {
-                            Ok(Ok(n)) if n > 0 => {}
-                            _ => return,
+                        // the protocol: bound the wait for the first bytes.
+                        let h2 =
+                            match tokio::time::timeout(handshake_timeout, is_h2_preface(&stream))
+                                .await
+                            {
+                                Ok(Ok(h2)) => h2,
+                                _ => return,
+                            };
+                        let io = TokioIo::new(stream);
+                        if h2 {
+                            let conn = protocols.h2.serve_connection(io, service);
+                            watcher.watch(conn).await
+                        } else {
+                            let conn = protocols.h1.serve_connection(io, service);
+                            watcher.watch(conn).await
                         }
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        watcher.watch(conn.into_owned()).await
                     }
                     Some(acceptor) => {
                         let handshake = async {
@@ -210,8 +201,15 @@ impl EdgeNode {
                                     return;
                                 }
                             };
-                        let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
-                        watcher.watch(conn.into_owned()).await
+                        let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let io = TokioIo::new(tls_stream);
+                        if h2 {
+                            let conn = protocols.h2.serve_connection(io, service);
+                            watcher.watch(conn).await
+                        } else {
+                            let conn = protocols.h1.serve_connection(io, service);
+                            watcher.watch(conn).await
+                        }
                     }
                 };
                 if let Err(e) = result {
@@ -304,7 +302,7 @@ impl EdgeNode {
             let request = HttpRequest {
                 request_id: request_id.clone(),
                 method: method.to_string(),
-                url: format!("{scheme}://{host}{path}"),
+                url: [scheme, "://", &host, &path].concat(),
                 headers: parts.headers,
                 body: request_body(body, self.limits.max_body_bytes),
             };
@@ -369,6 +367,64 @@ impl EdgeNode {
     }
 }
 
+/// hyper's HTTP/1 and HTTP/2 servers, configured from the node's limits.
+/// TLS's ALPN or a cleartext connection's first bytes choose one, so
+/// requests do not pass through a protocol-detecting wrapper.
+#[derive(Clone)]
+struct Protocols {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(limits: &ServerLimits) -> Protocols {
+        // hyper answers an oversized head with 431 itself. Its read buffer
+        // limit alone is not enough: a head that arrives in one large read
+        // is parsed whole before that limit is checked.
+        let max_buf = limits.max_header_bytes.max(8192);
+        let max_header_list = u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX);
+        // Head and body go out in one buffer and one send(): a writev of
+        // two small slices costs more in the kernel than the copy.
+        let writev = false;
+        // Idle or dead HTTP/2 peers are detected and dropped.
+        let ping_every = std::time::Duration::from_secs(30);
+        let ping_timeout = std::time::Duration::from_secs(10);
+
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .max_buf_size(max_buf)
+            .max_header_size(limits.max_header_bytes)
+            .header_read_timeout(limits.header_read_timeout)
+            .writev(writev);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(max_header_list)
+            .keep_alive_interval(ping_every)
+            .keep_alive_timeout(ping_timeout);
+        Protocols { h1, h2 }
+    }
+}
+
+/// Whether a cleartext connection starts with HTTP/2's preface
+/// (`PRI * HTTP/2.0`, prior knowledge) rather than an HTTP/1 request line.
+/// Waits for the first bytes without consuming them.
+async fn is_h2_preface(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; 2];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        match (n, first) {
+            (0, _) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            // Only POST, PUT and PATCH also start with 'P'.
+            (1, [b'P', _]) => {
+                // Rare (a client dribbling bytes): peek does not wait for
+                // more once something is buffered, so pause before retrying.
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            _ => return Ok(first == *b"PR"),
+        }
+    }
+}
+
 /// A 16-hex-digit id, unique within the process and unlikely to repeat
 /// across restarts: a random start plus a counter, scrambled by a bijective
 /// mix so ids do not look sequential. No system call per request.
@@ -382,7 +438,11 @@ fn new_request_id() -> String {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
-    format!("{z:016x}")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    (0..16)
+        .rev()
+        .map(|i| HEX[((z >> (i * 4)) & 0xf) as usize] as char)
+        .collect()
 }
 
 fn plain(status: StatusCode, request_id: &str, text: String) -> Response<ResponseBody> {
@@ -438,3 +498,22 @@ const HOP_BY_HOP: [&str; 8] = [
     "trailer",
     "proxy-connection",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_distinct_16_digit_hex() {
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_request_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert_eq!(id.len(), 16, "{id}");
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+                "{id}"
+            );
+        }
+    }
+}

@@ -13,10 +13,10 @@ use deno_core::{
 use deno_error::JsErrorBox;
 use tokio::sync::mpsc;
 
-use crate::header_list;
 use crate::bridge::{
     BodyChunks, FailureKind, HandlerError, HostBridge, LogLine, OutgoingBody, OutgoingResponse,
 };
+use crate::header_list;
 
 /// How many response chunks may wait for the client before JS is paused.
 const RESPONSE_CHUNK_BUFFER: usize = 4;

@@ -239,7 +239,11 @@ fn watch(shared: Arc<Shared>) {
                 next_sample = next_sample.min((a.deadline - used).max(SAMPLE_MIN));
             }
         }
-        idle = if any_armed { Duration::ZERO } else { idle + slept };
+        idle = if any_armed {
+            Duration::ZERO
+        } else {
+            idle + slept
+        };
         if idle < IDLE_BEFORE_SLEEP {
             continue;
         }
