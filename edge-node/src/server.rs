@@ -139,7 +139,10 @@ impl EdgeNode {
             let scheme = if tls.is_some() { "https" } else { "http" };
             let service = service_fn(move |req| {
                 let node = node.clone();
-                async move { Ok::<_, Infallible>(node.handle(req, peer, scheme).await) }
+                // Boxed: hyper moves the service future around, and the
+                // request's whole state machine is large to copy.
+                let handling = Box::pin(async move { node.handle(req, peer, scheme).await });
+                async move { Ok::<_, Infallible>(handling.await) }
             });
             let watcher = graceful.watcher();
             let protocols = protocols.clone();
@@ -439,10 +442,13 @@ fn new_request_id() -> String {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    (0..16)
-        .rev()
-        .map(|i| HEX[((z >> (i * 4)) & 0xf) as usize] as char)
-        .collect()
+    let mut id = [0u8; 16];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((z >> ((15 - i) * 4)) & 0xf) as usize];
+    }
+    std::str::from_utf8(&id)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 fn plain(status: StatusCode, request_id: &str, text: String) -> Response<ResponseBody> {
@@ -478,8 +484,14 @@ fn build_response(
     let mut headers = resp.headers;
     // Framing belongs to the server: a tenant-chosen content-length that
     // disagrees with the body would desynchronize keep-alive connections
-    // (response smuggling).
-    for name in HOP_BY_HOP {
+    // (response smuggling). Checked by scanning: responses rarely carry
+    // any, and a lookup per name costs more than the scan.
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    for name in hop {
         headers.remove(name);
     }
     *out.headers_mut() = headers;
@@ -488,16 +500,17 @@ fn build_response(
 
 /// Headers that describe the connection or the body's framing, not the
 /// response: hyper sets them from the body it sends.
-const HOP_BY_HOP: [&str; 8] = [
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "upgrade",
-    "te",
-    "trailer",
-    "proxy-connection",
-];
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    use http::header::{CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+    name == CONTENT_LENGTH
+        || name == TRANSFER_ENCODING
+        || name == CONNECTION
+        || name == UPGRADE
+        || name == TE
+        || name == TRAILER
+        || name == "keep-alive"
+        || name == "proxy-connection"
+}
 
 #[cfg(test)]
 mod tests {
