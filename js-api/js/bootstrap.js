@@ -570,11 +570,14 @@ function dispatch(id, method, url, bodyRid) {
  * Called once per isolate by the host, right after it was taken from the
  * pool.
  */
-async function boot(entry, envJson) {
+async function boot(entry, envJson, warmUp = false) {
   performance.setTimeOrigin();
   try {
-    env = ObjectFreeze(JSONParse(envJson));
+    const parsedEnv = ObjectFreeze(JSONParse(envJson));
     const ns = await import(entry);
+    // The warm-up sets nothing: a tenant's boot may already have begun.
+    if (warmUp) return;
+    env = parsedEnv;
     const def = ns.default;
     if (def !== null && def !== undefined && typeof def.fetch === "function") {
       moduleHandler = def;
@@ -585,10 +588,10 @@ async function boot(entry, envJson) {
       );
     }
   } catch (e) {
-    op_atoll_boot_done(formatError(e));
+    if (!warmUp) op_atoll_boot_done(formatError(e));
     return;
   }
-  op_atoll_boot_done(null);
+  if (!warmUp) op_atoll_boot_done(null);
 }
 
 /**
@@ -601,6 +604,18 @@ function prepare() {
   delete globalThis.__bootstrap;
   warmUpRequestPath();
   warmUpDispatch();
+  warmUpBoot();
+}
+
+/**
+ * Boots a tiny module the host serves to unassigned isolates, so a
+ * tenant's boot does not pay for compiling `boot` and for the isolate's
+ * first dynamic import, module instantiation and evaluation. The host
+ * drives it to completion by polling the event loop. With `warmUp` set,
+ * `boot` neither reports to the host nor installs a handler or env.
+ */
+function warmUpBoot() {
+  boot("atoll:warm-up", "{}", true);
 }
 
 /**

@@ -13,6 +13,9 @@ use crate::extensions::extensions;
 use crate::module_loader::BundleLoader;
 use crate::snapshot::{RESIDUAL_LAZY_ESM, RESIDUAL_LAZY_JS, SNAPSHOT};
 
+/// Event-loop turns a pooled isolate gets to finish its warm-up import.
+const WARM_UP_TURNS: usize = 8;
+
 /// Extra heap granted once the limit is hit, so V8 can unwind the
 /// terminated script instead of aborting the process.
 const HEAP_HEADROOM: usize = 32 * 1024 * 1024;
@@ -109,6 +112,21 @@ impl Isolate {
                 None
             }
         };
+        // Finish the warm-up import prepare() started. Its module loads
+        // synchronously, so a few turns settle it; none needs a wake-up.
+        {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            for _ in 0..WARM_UP_TURNS {
+                match js.poll_event_loop(&mut cx, deno_core::PollEventLoopOptions::default()) {
+                    std::task::Poll::Pending => {}
+                    std::task::Poll::Ready(Ok(())) => break,
+                    std::task::Poll::Ready(Err(e)) => {
+                        tracing::error!("warming up an isolate failed: {e}");
+                        break;
+                    }
+                }
+            }
+        }
         // V8 tracks one "current" isolate per thread and a new isolate is
         // entered on creation. Many isolates share this thread, so each is
         // entered only while it runs (see `Isolate::run`), never left entered.

@@ -12,6 +12,12 @@ use deno_core::{
 };
 use deno_error::JsErrorBox;
 
+/// A module pooled isolates import before any tenant owns them (see
+/// bootstrap.js's `warmUpImport`); served only while no bundle is assigned.
+const WARM_UP_SPECIFIER: &str = "atoll:warm-up";
+const WARM_UP_MODULE: deno_core::FastStaticString =
+    deno_core::ascii_str!("export default { fetch() { return new Response(''); } };\n");
+
 /// Module loader of one isolate. Starts empty (pre-booted isolates belong
 /// to nobody) and is given its bundle when the isolate is assigned.
 #[derive(Default)]
@@ -42,6 +48,14 @@ impl ModuleLoader for BundleLoader {
         _options: ModuleLoadOptions,
     ) -> ModuleLoadResponse {
         let bundle = self.bundle.borrow();
+        if bundle.is_none() && specifier.as_str() == WARM_UP_SPECIFIER {
+            return ModuleLoadResponse::Sync(Ok(ModuleSource::new(
+                ModuleType::JavaScript,
+                ModuleSourceCode::String(WARM_UP_MODULE.into()),
+                specifier,
+                None,
+            )));
+        }
         let found = bundle
             .as_ref()
             .and_then(|b| b.modules.get(specifier.as_str()));
