@@ -412,19 +412,25 @@ impl Protocols {
 /// (`PRI * HTTP/2.0`, prior knowledge) rather than an HTTP/1 request line.
 /// Waits for the first bytes without consuming them.
 async fn is_h2_preface(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
-    let mut first = [0u8; 2];
+    // "PRI " is the preface's request line start; no HTTP/1 request begins
+    // with it (RFC 9113 chose the method so), while PROPFIND and other
+    // methods do begin with "PR".
+    const PREFIX: &[u8; 4] = b"PRI ";
+    let mut first = [0u8; 4];
+    let mut pause = std::time::Duration::from_millis(1);
     loop {
         let n = stream.peek(&mut first).await?;
-        match (n, first) {
-            (0, _) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            // Only POST, PUT and PATCH also start with 'P'.
-            (1, [b'P', _]) => {
-                // Rare (a client dribbling bytes): peek does not wait for
-                // more once something is buffered, so pause before retrying.
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
-            _ => return Ok(first == *b"PR"),
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
+        if n == PREFIX.len() || first[..n] != PREFIX[..n] {
+            return Ok(first == *PREFIX);
+        }
+        // Rare: a client that sent less than four bytes of a possible
+        // preface. peek does not wait for more once something is buffered,
+        // so back off instead of spinning (the caller bounds the wait).
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(100));
     }
 }
 
@@ -515,6 +521,39 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `is_h2_preface` decides for a client that sends `parts`, with
+    /// a pause between them.
+    async fn preface(parts: &[&'static [u8]]) -> bool {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let parts: Vec<&'static [u8]> = parts.to_vec();
+        let client = tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            for p in parts {
+                c.write_all(p).await.expect("write");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            c
+        });
+        let (server, _) = listener.accept().await.expect("accept");
+        let h2 = is_h2_preface(&server).await.expect("peek");
+        drop(client.await);
+        h2
+    }
+
+    #[tokio::test]
+    async fn only_the_http2_preface_selects_http2() {
+        assert!(preface(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]).await);
+        assert!(preface(&[b"PR", b"I * HTTP/2.0\r\n"]).await);
+        assert!(!preface(&[b"PROPFIND / HTTP/1.1\r\n"]).await);
+        assert!(!preface(&[b"POST / HTTP/1.1\r\n"]).await);
+        assert!(!preface(&[b"P", b"UT / HTTP/1.1\r\n"]).await);
+        assert!(!preface(&[b"GET / HTTP/1.1\r\n"]).await);
+    }
 
     #[test]
     fn request_ids_are_distinct_16_digit_hex() {

@@ -9,15 +9,30 @@ use deno_core::v8;
 use deno_error::JsErrorBox;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+/// Most headers one response may carry. `http::HeaderMap` panics past
+/// about 24 000 entries, and a panic inside an op aborts the process: the
+/// count is checked before anything is allocated.
+pub(crate) const MAX_HEADERS: u32 = 1000;
+
 /// Converts `[[name, value], ...]` into a header map. Entries the `http`
 /// crate refuses (control characters that Fetch allows) are dropped with a
 /// warning, as a server could not send them anyway.
+///
+/// The list is reachable by the tenant's code, so reading it may run that
+/// code (accessors): call this only from ops that are not fast calls and
+/// hold no `OpState` borrow.
 pub(crate) fn from_v8<'s>(
     scope: &mut v8::PinScope<'s, '_>,
     list: v8::Local<'s, v8::Array>,
 ) -> Result<HeaderMap, JsErrorBox> {
     let len = list.length();
-    let mut headers = HeaderMap::with_capacity(len as usize);
+    if len > MAX_HEADERS {
+        return Err(JsErrorBox::type_error(format!(
+            "the response has {len} headers, more than the {MAX_HEADERS} allowed"
+        )));
+    }
+    let mut headers = HeaderMap::try_with_capacity(len as usize)
+        .map_err(|_| JsErrorBox::type_error("too many response headers"))?;
     for i in 0..len {
         let pair = list
             .get_index(scope, i)
@@ -30,7 +45,10 @@ pub(crate) fn from_v8<'s>(
             HeaderValue::from_bytes(&value),
         ) {
             (Ok(n), Ok(v)) => {
-                headers.append(n, v);
+                // An accessor may have grown the list since its length was read.
+                if headers.len() >= MAX_HEADERS as usize || headers.try_append(n, v).is_err() {
+                    return Err(JsErrorBox::type_error("too many response headers"));
+                }
             }
             _ => tracing::warn!("dropped a response header the server cannot send"),
         }

@@ -124,6 +124,11 @@ fn send_head(state: &OpState, id: u32, response: Result<OutgoingResponse, Handle
     }
 }
 
+// The respond ops read the tenant-reachable header list, which may run the
+// tenant's JS (accessors): they are never fast calls, where V8 forbids
+// running JS, and they take `OpState` as `Rc<RefCell<_>>` so no borrow is
+// held while that JS runs.
+
 /// Answers request `id` with a body known in full.
 #[op2]
 pub fn op_atoll_respond<'s>(
@@ -142,7 +147,7 @@ pub fn op_atoll_respond<'s>(
 
 /// Answers request `id` with a body given as a string (the common
 /// `new Response("...")`), without encoding it into a buffer in JS first.
-#[op2(fast)]
+#[op2(nofast)]
 pub fn op_atoll_respond_text<'s>(
     scope: &mut v8::PinScope<'s, '_>,
     state: Rc<RefCell<OpState>>,
@@ -151,8 +156,10 @@ pub fn op_atoll_respond_text<'s>(
     headers: v8::Local<'s, v8::Array>,
     #[string] body: &str,
 ) -> Result<(), JsErrorBox> {
-    let headers = header_list::from_v8(scope, headers)?;
+    // Copied before the headers are read: their accessors may allocate, and
+    // nothing that points into the V8 heap may live across that.
     let body = Bytes::copy_from_slice(body.as_bytes());
+    let headers = header_list::from_v8(scope, headers)?;
     respond_full(&state.borrow(), id, status, headers, body);
     Ok(())
 }
@@ -176,7 +183,7 @@ fn respond_full(state: &OpState, id: u32, status: u16, headers: http::HeaderMap,
 }
 
 /// Answers request `id` with a streamed body; JS then writes the chunks.
-#[op2(fast)]
+#[op2(nofast)]
 pub fn op_atoll_respond_stream<'s>(
     scope: &mut v8::PinScope<'s, '_>,
     state: Rc<RefCell<OpState>>,

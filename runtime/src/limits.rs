@@ -108,8 +108,8 @@ struct Shared {
     wake: Condvar,
     /// The watchdog waits on `wake` instead of sampling: arming must wake it.
     asleep: AtomicBool,
-    /// Smallest budget ever armed, in microseconds: it sets how often the
-    /// watchdog samples.
+    /// Smallest configured limit ever armed, in microseconds: it sets how
+    /// often the watchdog samples.
     min_budget_us: AtomicU64,
 }
 
@@ -180,27 +180,32 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl CpuWatch {
     /// Terminates `isolate` if this thread's CPU clock passes `now + budget`
     /// before [`CpuWatch::disarm`]; `fired` is set when it does. `now` is
-    /// this thread's CPU time, as the caller just read it.
+    /// this thread's CPU time, as the caller just read it; `limit` is the
+    /// configured limit `budget` is what remains of, which sets how often
+    /// the watchdog samples.
     pub fn arm(
         &self,
         now: Duration,
         budget: Duration,
+        limit: Duration,
         isolate: v8::IsolateHandle,
         fired: Arc<AtomicBool>,
     ) {
-        let budget_us = u64::try_from(budget.as_micros()).unwrap_or(u64::MAX);
-        self.shared
+        let limit_us = u64::try_from(limit.as_micros()).unwrap_or(u64::MAX);
+        let smallest = self
+            .shared
             .min_budget_us
-            .fetch_min(budget_us, Ordering::Relaxed);
+            .fetch_min(limit_us, Ordering::Relaxed);
         *lock(&self.armed) = Some(Armed {
             deadline: now + budget,
             isolate,
             fired,
         });
         // Pairs with the fence in `watch`: either it sees this deadline or
-        // this sees that it sleeps.
+        // this sees that it sleeps. A smaller limit than any before also
+        // wakes it, so its current (longer) pause does not overrun this one.
         std::sync::atomic::fence(Ordering::SeqCst);
-        if self.shared.asleep.load(Ordering::SeqCst) {
+        if self.shared.asleep.load(Ordering::SeqCst) || limit_us < smallest {
             let _sleeping = lock(&self.shared.sleep);
             self.shared.wake.notify_one();
         }
@@ -216,7 +221,12 @@ fn watch(shared: Arc<Shared>) {
     let mut idle = Duration::ZERO;
     let mut next_sample = SAMPLE_MIN;
     loop {
-        std::thread::sleep(next_sample);
+        {
+            // A timed wait rather than a sleep: `arm` cuts it short when a
+            // smaller limit appears.
+            let sleeping = lock(&shared.sleep);
+            let _ = shared.wake.wait_timeout(sleeping, next_sample);
+        }
         let slept = next_sample;
         let period = Duration::from_micros(shared.min_budget_us.load(Ordering::Relaxed) / 10)
             .clamp(SAMPLE_MIN, SAMPLE_MAX);

@@ -349,7 +349,12 @@ async fn drive(
             limits.cpu_per_request.saturating_sub(used)
         };
         let t0 = thread_cpu_time();
-        watch.arm(t0, budget, handle.clone(), terminated.clone());
+        let limit = if booted.is_some() {
+            limits.cpu_startup
+        } else {
+            limits.cpu_per_request
+        };
+        watch.arm(t0, budget, limit, handle.clone(), terminated.clone());
         let sample = memory_sampled.is_none_or(|at| at.elapsed() >= MEMORY_SAMPLE_EVERY);
         let (polled, memory) = isolate.run(|iso| {
             let stopped = |iso: &Isolate| {

@@ -321,3 +321,56 @@ async fn tenants_cannot_set_framing_headers_or_block_the_thread() {
     let resp = c.get(dev.url("/")).send().await.expect("request");
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn hostile_response_header_lists_get_a_500_not_a_crash() {
+    let dev = Dev::start(
+        &[(
+            "headers.js",
+            r#"
+            export default {
+              fetch(request) {
+                const path = new URL(request.url).pathname;
+                // The internal header list is reachable through the
+                // Response's symbol-keyed slot: replace it.
+                const withList = (list) => {
+                  const resp = new Response("body text that must arrive intact");
+                  for (const sym of Object.getOwnPropertySymbols(resp)) {
+                    const inner = resp[sym];
+                    if (inner && Array.isArray(inner.headerList)) inner.headerList = list;
+                  }
+                  return resp;
+                };
+                if (path === "/many") {
+                  // More distinct names than a header map can hold.
+                  return withList(Array.from({ length: 30000 }, (_, i) => [`x-h${i}`, "v"]));
+                }
+                if (path === "/accessor") {
+                  // Accessors run (and allocate) while the host reads the list.
+                  return withList([{
+                    get 0() { globalThis.junk = new Array(100000).fill("x").join(""); return "x-a"; },
+                    get 1() { return "v"; },
+                  }]);
+                }
+                return new Response("fine");
+              },
+            };
+            "#,
+        )],
+        &["headers.js"],
+    );
+    let c = client();
+    let resp = c.get(dev.url("/many")).send().await.expect("request");
+    assert_eq!(resp.status(), 500);
+    // Whatever the accessor case answers, the node must survive it intact.
+    let resp = c.get(dev.url("/accessor")).send().await.expect("request");
+    if resp.status() == 200 {
+        assert_eq!(
+            resp.text().await.expect("text"),
+            "body text that must arrive intact"
+        );
+    }
+    let resp = c.get(dev.url("/")).send().await.expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.expect("text"), "fine");
+}
