@@ -13,7 +13,7 @@ use crate::extensions::extensions;
 use crate::module_loader::BundleLoader;
 use crate::snapshot::{RESIDUAL_LAZY_ESM, RESIDUAL_LAZY_JS, SNAPSHOT};
 
-/// Event-loop turns a pooled isolate gets to finish its warm-up import.
+/// Event-loop turns a pooled isolate gets to finish its warm-up boot.
 const WARM_UP_TURNS: usize = 8;
 
 /// Extra heap granted once the limit is hit, so V8 can unwind the
@@ -112,8 +112,10 @@ impl Isolate {
                 None
             }
         };
-        // Finish the warm-up import prepare() started. Its module loads
-        // synchronously, so a few turns settle it; none needs a wake-up.
+        // Finish the warm-up boot prepare() started. Its module loads
+        // synchronously, so one turn settles it; none needs a wake-up. If
+        // it did not settle, the tenant's boot is unaffected: with its
+        // warm-up flag set, boot reports nothing and installs nothing.
         {
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             for _ in 0..WARM_UP_TURNS {

@@ -12,8 +12,10 @@ use deno_core::{
 };
 use deno_error::JsErrorBox;
 
-/// A module pooled isolates import before any tenant owns them (see
-/// bootstrap.js's `warmUpImport`); served only while no bundle is assigned.
+/// A module pooled isolates boot before any tenant owns them (see
+/// bootstrap.js's `warmUpBoot`); served only while no bundle is assigned.
+/// It stays in the isolate's module map, so the tenant that later owns the
+/// isolate could import it too: it holds nothing and reaches nothing.
 const WARM_UP_SPECIFIER: &str = "atoll:warm-up";
 const WARM_UP_MODULE: deno_core::FastStaticString =
     deno_core::ascii_str!("export default { fetch() { return new Response(''); } };\n");
