@@ -17,6 +17,10 @@ use atoll_runtime::{
     Deployment, HttpRequest, Limits, OutgoingBody, RequestBody, Runtime, RuntimeConfig,
 };
 
+// The allocator the `atoll` binary uses, so memory and timings match it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const HANDLER: &str = r#"
 const started = Date.now();
 export default {
