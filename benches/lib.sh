@@ -89,9 +89,23 @@ to_ms() {
     printf "%.3f", n }'
 }
 
-declare -A rps p50 p99
+# User and system CPU clock ticks of process $1 and all its descendants
+# (npm's launchers start the real server as a child).
+tree_ticks() {
+  local pids=("$1") i=0 p
+  while [ "$i" -lt "${#pids[@]}" ]; do
+    for p in $(pgrep -P "${pids[$i]}" 2>/dev/null || true); do pids+=("$p"); done
+    i=$((i + 1))
+  done
+  for p in "${pids[@]}"; do cat "/proc/$p/stat" 2>/dev/null || true; done |
+    awk '{ sub(/^.*\) /, ""); u += $12; s += $13 } END { print u + 0, s + 0 }'
+}
+
+declare -A rps p50 p99 user_us sys_us
 # run NAME PORT CMD...: starts the server pinned to $SERVER_CPU, warms it up,
-# then loads it with wrk pinned to $CLIENT_CPU and records the results.
+# then loads it with wrk pinned to $CLIENT_CPU and records the results,
+# including the server's CPU time per request (user and system): unlike
+# requests/s, that barely moves with the VM's noise.
 run() {
   local name=$1 port=$2
   shift 2
@@ -100,12 +114,19 @@ run() {
   local pid=$last_pid
   wait_up "$port" "$name"
   taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "http://127.0.0.1:$port/" >/dev/null
-  local out
+  local out before after requests
+  before=$(tree_ticks "$pid")
   out=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "http://127.0.0.1:$port/")
+  after=$(tree_ticks "$pid")
   echo "$out" >&2
   rps[$name]=$(echo "$out" | awk '/^Requests\/sec:/ { print $2 }')
   p50[$name]=$(to_ms "$(echo "$out" | awk '$1 == "50%" { print $2 }')")
   p99[$name]=$(to_ms "$(echo "$out" | awk '$1 == "99%" { print $2 }')")
+  requests=$(echo "$out" | awk '/ requests in / { print $1 }')
+  read -r user_us["$name"] sys_us["$name"] < <(awk -v b="$before" -v a="$after" \
+    -v n="$requests" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+      split(b, x, " "); split(a, y, " ")
+      printf "%.1f %.1f\n", (y[1] - x[1]) * 1e6 / hz / n, (y[2] - x[2]) * 1e6 / hz / n }')
   if echo "$out" | grep -q "Non-2xx\|Socket errors"; then
     echo "warning: $name had errors (see above)" >&2
   fi
@@ -116,10 +137,11 @@ run() {
 # Prints the table for servers "$@" and atoll's ratio to each other one.
 report() {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%Y-%m-%d)"
-  printf '%-10s %12s %10s %10s\n' server "requests/s" "p50 ms" "p99 ms"
+  printf '%-10s %12s %10s %10s %12s %12s\n' server "requests/s" "p50 ms" "p99 ms" "user us/req" "sys us/req"
   local s
   for s in "$@"; do
-    printf '%-10s %12s %10s %10s\n' "$s" "${rps[$s]}" "${p50[$s]}" "${p99[$s]}"
+    printf '%-10s %12s %10s %10s %12s %12s\n' "$s" "${rps[$s]}" "${p50[$s]}" "${p99[$s]}" \
+      "${user_us[$s]}" "${sys_us[$s]}"
   done
   echo
   for s in "$@"; do
