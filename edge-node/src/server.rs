@@ -168,14 +168,7 @@ impl EdgeNode {
                                 Ok(Ok(h2)) => h2,
                                 _ => return,
                             };
-                        let io = TokioIo::new(stream);
-                        if h2 {
-                            let conn = protocols.h2.serve_connection(io, service);
-                            watcher.watch(conn).await
-                        } else {
-                            let conn = protocols.h1.serve_connection(io, service);
-                            watcher.watch(conn).await
-                        }
+                        protocols.serve(stream, h2, service, watcher).await
                     }
                     Some(acceptor) => {
                         let handshake = async {
@@ -205,14 +198,7 @@ impl EdgeNode {
                                 }
                             };
                         let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        let io = TokioIo::new(tls_stream);
-                        if h2 {
-                            let conn = protocols.h2.serve_connection(io, service);
-                            watcher.watch(conn).await
-                        } else {
-                            let conn = protocols.h1.serve_connection(io, service);
-                            watcher.watch(conn).await
-                        }
+                        protocols.serve(tls_stream, h2, service, watcher).await
                     }
                 };
                 if let Err(e) = result {
@@ -405,6 +391,32 @@ impl Protocols {
             .keep_alive_interval(ping_every)
             .keep_alive_timeout(ping_timeout);
         Protocols { h1, h2 }
+    }
+
+    /// Serves `io` with HTTP/2 or HTTP/1 until it closes or the node shuts
+    /// down (`watcher`).
+    async fn serve<I, S, B>(
+        &self,
+        io: I,
+        h2: bool,
+        service: S,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) -> Result<(), hyper::Error>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::HttpService<Incoming, ResBody = B> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let io = TokioIo::new(io);
+        if h2 {
+            watcher.watch(self.h2.serve_connection(io, service)).await
+        } else {
+            watcher.watch(self.h1.serve_connection(io, service)).await
+        }
     }
 }
 

@@ -11,8 +11,9 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Most headers one response may carry. `http::HeaderMap` panics past
 /// about 24 000 entries, and a panic inside an op aborts the process: the
-/// count is checked before anything is allocated.
-pub(crate) const MAX_HEADERS: u32 = 1000;
+/// count is checked before anything is allocated. The loop below reads
+/// only that many entries, even if an accessor grows the list meanwhile.
+const MAX_HEADERS: u32 = 1000;
 
 /// Converts `[[name, value], ...]` into a header map. Entries the `http`
 /// crate refuses (control characters that Fetch allows) are dropped with a
@@ -45,10 +46,9 @@ pub(crate) fn from_v8<'s>(
             HeaderValue::from_bytes(&value),
         ) {
             (Ok(n), Ok(v)) => {
-                // An accessor may have grown the list since its length was read.
-                if headers.len() >= MAX_HEADERS as usize || headers.try_append(n, v).is_err() {
-                    return Err(JsErrorBox::type_error("too many response headers"));
-                }
+                headers
+                    .try_append(n, v)
+                    .map_err(|_| JsErrorBox::type_error("too many response headers"))?;
             }
             _ => tracing::warn!("dropped a response header the server cannot send"),
         }
