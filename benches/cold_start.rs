@@ -47,7 +47,7 @@ fn bundle(tenant: usize) -> Arc<Bundle> {
 fn request(tenant: usize) -> HttpRequest {
     HttpRequest {
         request_id: format!("bench-{tenant}"),
-        method: "GET".into(),
+        method: http::Method::GET,
         url: format!("http://t{tenant}.example/"),
         headers: Default::default(),
         body: RequestBody::Empty,

@@ -12,6 +12,8 @@ const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
+/// A latency histogram; `counts[i]` holds the requests that fell in bucket
+/// `i` alone (made cumulative when rendered), so recording is one increment.
 #[derive(Default, Clone)]
 struct Histogram {
     counts: [u64; BUCKETS.len()],
@@ -19,11 +21,17 @@ struct Histogram {
     sum: f64,
 }
 
+/// What is recorded for one tenant.
+#[derive(Default)]
+struct TenantStats {
+    /// Requests by status.
+    by_status: BTreeMap<u16, u64>,
+    latency: Histogram,
+}
+
 #[derive(Default)]
 struct Inner {
-    /// Requests by tenant, then status.
-    requests: BTreeMap<String, BTreeMap<u16, u64>>,
-    latency: BTreeMap<String, Histogram>,
+    tenants: BTreeMap<String, TenantStats>,
     limit_terminations: BTreeMap<(String, &'static str), u64>,
     unrouted: u64,
 }
@@ -45,20 +53,17 @@ impl Metrics {
         let mut m = self.lock();
         // Looked up by reference first: after a tenant's first request the
         // hot path allocates nothing.
-        let by_status = match m.requests.get_mut(tenant) {
-            Some(s) => s,
-            None => m.requests.entry(tenant.to_string()).or_default(),
+        let t = match m.tenants.get_mut(tenant) {
+            Some(t) => t,
+            None => m.tenants.entry(tenant.to_string()).or_default(),
         };
-        *by_status.entry(status).or_default() += 1;
-        let h = match m.latency.get_mut(tenant) {
-            Some(h) => h,
-            None => m.latency.entry(tenant.to_string()).or_default(),
-        };
+        *t.by_status.entry(status).or_default() += 1;
         let secs = elapsed.as_secs_f64();
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if secs <= *le {
-                h.counts[i] += 1;
-            }
+        let h = &mut t.latency;
+        // Slower than the last bound: only in +Inf (the total count).
+        let bucket = BUCKETS.partition_point(|le| secs > *le);
+        if let Some(c) = h.counts.get_mut(bucket) {
+            *c += 1;
         }
         h.count += 1;
         h.sum += secs;
@@ -88,9 +93,9 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE atoll_requests_total counter");
         for (tenant, status, n) in m
-            .requests
+            .tenants
             .iter()
-            .flat_map(|(t, by)| by.iter().map(move |(s, n)| (t, s, n)))
+            .flat_map(|(t, stats)| stats.by_status.iter().map(move |(s, n)| (t, s, n)))
         {
             let _ = writeln!(
                 out,
@@ -109,13 +114,15 @@ impl Metrics {
             "# HELP atoll_request_duration_seconds Time to the response head, by tenant."
         );
         let _ = writeln!(out, "# TYPE atoll_request_duration_seconds histogram");
-        for (tenant, h) in &m.latency {
+        for (tenant, stats) in &m.tenants {
+            let h = &stats.latency;
             let t = escape(tenant);
-            for (i, le) in BUCKETS.iter().enumerate() {
+            let mut cumulative = 0;
+            for (le, n) in BUCKETS.iter().zip(h.counts) {
+                cumulative += n;
                 let _ = writeln!(
                     out,
-                    "atoll_request_duration_seconds_bucket{{tenant=\"{t}\",le=\"{le}\"}} {}",
-                    h.counts[i]
+                    "atoll_request_duration_seconds_bucket{{tenant=\"{t}\",le=\"{le}\"}} {cumulative}"
                 );
             }
             let _ = writeln!(

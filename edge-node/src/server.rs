@@ -228,32 +228,30 @@ impl EdgeNode {
         let started = Instant::now();
         let request_id = new_request_id();
         let (parts, body) = req.into_parts();
-        let host = parts
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
+        let http::request::Parts {
+            method,
+            uri,
+            headers,
+            ..
+        } = parts;
+        let host = match headers.get(http::header::HOST) {
+            Some(h) => h.to_str().ok(),
             // HTTP/2 carries the host in :authority, not a Host header.
-            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-            .unwrap_or_else(|| "localhost".to_string());
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
-        let method = parts.method.clone();
+            None => Some(uri.authority().map_or("localhost", |a| a.as_str())),
+        };
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
         // The host becomes part of the URL the handler parses and selects
         // the route: it must be a plain authority.
-        if host.parse::<http::uri::Authority>().is_err() || host.contains('@') {
+        let Some(host) = host.filter(|h| is_plain_authority(h)) else {
             return plain(
                 StatusCode::BAD_REQUEST,
                 &request_id,
                 "the Host header is not a valid host name\n".to_string(),
             );
-        }
+        };
 
         let routes = self.routes.load();
-        let Some(deployment) = routes.lookup(&host, &path).cloned() else {
+        let Some(deployment) = routes.lookup(host, path).cloned() else {
             tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, status = 404, "no route");
             self.metrics.unrouted();
             return plain(
@@ -264,8 +262,7 @@ impl EdgeNode {
         };
         drop(routes);
 
-        let declared = parts
-            .headers
+        let declared = headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
@@ -287,12 +284,13 @@ impl EdgeNode {
             tenant = %deployment.tenant,
             deployment = %deployment.version
         );
+        let url = [scheme, "://", host, path].concat();
         async move {
             let request = HttpRequest {
                 request_id: request_id.clone(),
-                method: method.to_string(),
-                url: [scheme, "://", &host, &path].concat(),
-                headers: parts.headers,
+                method: method.clone(),
+                url,
+                headers,
                 body: request_body(body, self.limits.max_body_bytes),
             };
             let result = self.runtime.dispatch(deployment.clone(), request).await;
@@ -444,6 +442,24 @@ async fn is_h2_preface(stream: &tokio::net::TcpStream) -> std::io::Result<bool> 
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(std::time::Duration::from_millis(100));
     }
+}
+
+/// Whether `host` is a plain authority (`name`, `name:port`, `[v6]:port`)
+/// with no user info. Host headers are almost always letters, digits, dots
+/// and dashes with an optional port: those are accepted by a scan, anything
+/// else goes through the `http` crate's full parse.
+fn is_plain_authority(host: &str) -> bool {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
+    };
+    let simple = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && port
+            .is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    simple || (host.parse::<http::uri::Authority>().is_ok() && !host.contains('@'))
 }
 
 /// A 16-hex-digit id, unique within the process and unlikely to repeat

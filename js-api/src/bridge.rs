@@ -29,7 +29,7 @@ pub struct IncomingRequest {
     /// Request id for logs (also sent to the client as `x-request-id`).
     pub request_id: String,
     /// HTTP method.
-    pub method: String,
+    pub method: http::Method,
     /// Absolute URL as the handler will see it.
     pub url: String,
     /// Headers as the server parsed them; converted for JS only if read.
@@ -224,7 +224,7 @@ pub struct Accepted {
     /// The host's id for the request.
     pub id: u32,
     /// HTTP method.
-    pub method: String,
+    pub method: http::Method,
     /// Absolute URL.
     pub url: String,
     /// The body resource, if the request has a body.

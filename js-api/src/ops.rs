@@ -8,7 +8,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 use deno_core::{
     AsyncRefCell, AsyncResult, BufView, ByteString, CancelFuture, CancelHandle, OpState, RcRef,
-    Resource, op2, v8,
+    Resource, op2,
 };
 use deno_error::JsErrorBox;
 use tokio::sync::mpsc;
@@ -124,48 +124,55 @@ fn send_head(state: &OpState, id: u32, response: Result<OutgoingResponse, Handle
     }
 }
 
-// The respond ops read the tenant-reachable header list, which may run the
-// tenant's JS (accessors): they are never fast calls, where V8 forbids
-// running JS, and they take `OpState` as `Rc<RefCell<_>>` so no borrow is
-// held while that JS runs.
+// The respond ops take the header list joined into one string by
+// bootstrap.js (see `header_list`): reading it runs no tenant code.
 
-/// Answers request `id` with a body known in full.
+/// Answers request `id` with a body known in full. With `done`, the
+/// request also finishes (as [`op_atoll_request_done`]): the handler
+/// answered synchronously and left no `waitUntil` work.
 #[op2]
-pub fn op_atoll_respond<'s>(
-    scope: &mut v8::PinScope<'s, '_>,
-    state: Rc<RefCell<OpState>>,
+pub fn op_atoll_respond(
+    state: &mut OpState,
     id: u32,
     #[smi] status: u16,
-    headers: v8::Local<'s, v8::Array>,
+    #[string] headers: &str,
     #[buffer(copy)] body: Option<Vec<u8>>,
+    done: bool,
 ) -> Result<(), JsErrorBox> {
-    let headers = header_list::from_v8(scope, headers)?;
+    let headers = header_list::from_joined(headers)?;
     let body = body.map(Bytes::from).unwrap_or_default();
-    respond_full(&state.borrow(), id, status, headers, body);
+    respond_full(state, id, status, headers, body, done);
     Ok(())
 }
 
 /// Answers request `id` with a body given as a string (the common
 /// `new Response("...")`), without encoding it into a buffer in JS first.
-#[op2(nofast)]
-pub fn op_atoll_respond_text<'s>(
-    scope: &mut v8::PinScope<'s, '_>,
-    state: Rc<RefCell<OpState>>,
+/// `done` as for [`op_atoll_respond`].
+#[op2(fast)]
+pub fn op_atoll_respond_text(
+    state: &mut OpState,
     id: u32,
     #[smi] status: u16,
-    headers: v8::Local<'s, v8::Array>,
+    #[string] headers: &str,
     #[string] body: &str,
+    done: bool,
 ) -> Result<(), JsErrorBox> {
-    // Copied before the headers are read: their accessors may allocate, and
-    // nothing that points into the V8 heap may live across that.
+    let headers = header_list::from_joined(headers)?;
     let body = Bytes::copy_from_slice(body.as_bytes());
-    let headers = header_list::from_v8(scope, headers)?;
-    respond_full(&state.borrow(), id, status, headers, body);
+    respond_full(state, id, status, headers, body, done);
     Ok(())
 }
 
-/// Sends request `id`'s response head with a body known in full.
-fn respond_full(state: &OpState, id: u32, status: u16, headers: http::HeaderMap, body: Bytes) {
+/// Sends request `id`'s response head with a body known in full; with
+/// `done`, finishes the request too.
+fn respond_full(
+    state: &mut OpState,
+    id: u32,
+    status: u16,
+    headers: http::HeaderMap,
+    body: Bytes,
+    done: bool,
+) {
     let body = if body.is_empty() {
         OutgoingBody::Empty
     } else {
@@ -180,25 +187,26 @@ fn respond_full(state: &OpState, id: u32, status: u16, headers: http::HeaderMap,
             body,
         }),
     );
+    if done {
+        finish_request(state, id);
+    }
 }
 
 /// Answers request `id` with a streamed body; JS then writes the chunks.
-#[op2(nofast)]
-pub fn op_atoll_respond_stream<'s>(
-    scope: &mut v8::PinScope<'s, '_>,
-    state: Rc<RefCell<OpState>>,
+#[op2(fast)]
+pub fn op_atoll_respond_stream(
+    state: &mut OpState,
     id: u32,
     #[smi] status: u16,
-    headers: v8::Local<'s, v8::Array>,
+    #[string] headers: &str,
 ) -> Result<(), JsErrorBox> {
-    let headers = header_list::from_v8(scope, headers)?;
-    let state = state.borrow();
+    let headers = header_list::from_joined(headers)?;
     let (tx, rx) = mpsc::channel(RESPONSE_CHUNK_BUFFER);
-    if let Some(p) = bridge(&state).pending.borrow_mut().get_mut(&id) {
+    if let Some(p) = bridge(state).pending.borrow_mut().get_mut(&id) {
         p.body = Some(tx);
     }
     send_head(
-        &state,
+        state,
         id,
         Ok(OutgoingResponse {
             status,
@@ -266,6 +274,12 @@ pub fn op_atoll_respond_error(state: &mut OpState, id: u32, #[string] detail: &s
 /// Marks request `id` finished: handler settled and all `waitUntil` promises too.
 #[op2(fast)]
 pub fn op_atoll_request_done(state: &mut OpState, id: u32) {
+    finish_request(state, id);
+}
+
+/// Forgets request `id`: closes its unread body and fails it if it never
+/// answered.
+fn finish_request(state: &mut OpState, id: u32) {
     let removed = bridge(state).pending.borrow_mut().remove(&id);
     if let Some(mut p) = removed {
         if let Some(rid) = p.body_rid.take() {

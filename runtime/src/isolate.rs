@@ -161,7 +161,7 @@ impl Isolate {
                 |e| &e.dispatch,
                 [
                     Arg::U32(id),
-                    Arg::Str(&accepted.method),
+                    Arg::Str(accepted.method.as_str()),
                     Arg::Str(&accepted.url),
                     accepted.body_rid.map_or(Arg::Null, Arg::U32),
                 ],

@@ -42,7 +42,7 @@ pub struct HttpRequest {
     /// Request id for logs.
     pub request_id: String,
     /// HTTP method.
-    pub method: String,
+    pub method: http::Method,
     /// Absolute URL the handler sees.
     pub url: String,
     /// Headers; handlers that never read them never pay for converting them.
