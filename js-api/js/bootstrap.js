@@ -462,15 +462,16 @@ async function streamBody(id, stream) {
 const EMPTY = new Uint8Array(0);
 
 /**
- * A header list as the respond ops take it: "name\0value\0name\0value".
- * The host then reads one string instead of walking arrays, and whatever
- * accessors a tenant planted on the list run here, in JS, not inside an op.
+ * The rest of a header list from entry `from` on, as the respond ops take
+ * it: "name\0value\0name\0value". The host reads one string instead of
+ * walking arrays, and whatever accessors a tenant planted on the list run
+ * here, in JS, not inside an op.
  */
-function joinHeaderList(list) {
+function joinHeaderList(list, from) {
   const n = list.length;
-  if (n === 0) return "";
-  let joined = list[0][0] + "\0" + list[0][1];
-  for (let i = 1; i < n; i++) joined += "\0" + list[i][0] + "\0" + list[i][1];
+  if (n <= from) return "";
+  let joined = list[from][0] + "\0" + list[from][1];
+  for (let i = from + 1; i < n; i++) joined += "\0" + list[i][0] + "\0" + list[i][1];
   return joined;
 }
 
@@ -492,9 +493,18 @@ function sendResponse(id, resp, done = false) {
     throw new TypeError("the handler returned Response.error()");
   }
   const status = inner.status;
-  const headerList = joinHeaderList(inner.headerList);
+  // The first header, usually the only one, goes as its own two strings:
+  // no string is built for it (see header_list.rs).
+  const list = inner.headerList;
+  let name = "";
+  let value = "";
+  if (list.length > 0) {
+    name = "" + list[0][0];
+    value = "" + list[0][1];
+  }
+  const rest = joinHeaderList(list, 1);
   if (inner.body === null) {
-    op_atoll_respond(id, status, headerList, EMPTY, done);
+    op_atoll_respond(id, status, name, value, rest, EMPTY, done);
     return undefined;
   }
   const src = inner.body.streamOrStatic;
@@ -502,13 +512,13 @@ function sendResponse(id, resp, done = false) {
     if (src.consumed) throw new TypeError("the response body was already used");
     src.consumed = true;
     if (typeof src.body === "string") {
-      op_atoll_respond_text(id, status, headerList, src.body, done);
+      op_atoll_respond_text(id, status, name, value, rest, src.body, done);
     } else {
-      op_atoll_respond(id, status, headerList, src.body, done);
+      op_atoll_respond(id, status, name, value, rest, src.body, done);
     }
     return undefined;
   }
-  op_atoll_respond_stream(id, status, headerList);
+  op_atoll_respond_stream(id, status, name, value, rest);
   return streamBody(id, src);
 }
 
