@@ -3,12 +3,11 @@
 //! one, `name\0value\0name\0value...`.
 //!
 //! Most responses carry one header (the content type a body implies): it
-//! costs no string building in JS and no scanning here. Joining the rest in
-//! JS makes the op read one
-//! string instead of walking `[[name, value], ...]` through the V8 API
-//! (three property reads per header), and it runs whatever accessors the
-//! tenant put on the list in JS, before the op, so the ops touch no tenant
-//! code. NUL cannot occur in a header name or value that the `http` crate
+//! costs no string building in JS and no scanning here. Joining the rest
+//! in JS makes the op read one string instead of walking
+//! `[[name, value], ...]` through the V8 API (three property reads per
+//! header), and it runs whatever accessors the tenant put on the list in
+//! JS, before the op, so the ops touch no tenant code. NUL cannot occur in a header name or value that the `http` crate
 //! accepts, so the split is unambiguous for any list a server could send.
 
 use std::borrow::Cow;
