@@ -475,12 +475,19 @@ function joinHeaderList(list, from) {
   return joined;
 }
 
+/** What `sendResponse` returns when it also finished the request. */
+const FINISHED = Symbol("finished");
+
+/** Most bytes of header names and values one response may carry (as in header_list.rs). */
+const MAX_HEADER_BYTES = 1024 * 1024;
+
 /**
  * Sends `resp` as request `id`'s response. Returns a promise while a
- * streamed body is still being written, otherwise undefined. With `done`
- * a body known in full also finishes the request (no waitUntil work).
+ * streamed body is still being written, otherwise undefined. Given the
+ * request's `ctx`, a body known in full also finishes the request when no
+ * waitUntil work exists (then it returns FINISHED).
  */
-function sendResponse(id, resp, done = false) {
+function sendResponse(id, resp, ctx = null) {
   if (!ObjectPrototypeIsPrototypeOf(ResponsePrototype, resp)) {
     throw new TypeError(
       `the handler returned ${
@@ -503,9 +510,17 @@ function sendResponse(id, resp, done = false) {
     value = "" + list[0][1];
   }
   const rest = joinHeaderList(list, 1);
+  // Checked here too, before the op copies the strings out of the V8 heap.
+  if (name.length + value.length + rest.length > MAX_HEADER_BYTES) {
+    throw new TypeError(
+      `the response headers are larger than the ${MAX_HEADER_BYTES} bytes allowed`,
+    );
+  }
+  // Read after the list was joined: accessors on it may have called waitUntil.
+  const done = ctx !== null && waitUntilPromises(ctx) === null;
   if (inner.body === null) {
     op_atoll_respond(id, status, name, value, rest, EMPTY, done);
-    return undefined;
+    return done ? FINISHED : undefined;
   }
   const src = inner.body.streamOrStatic;
   if (!isReadableStream(src)) {
@@ -516,7 +531,7 @@ function sendResponse(id, resp, done = false) {
     } else {
       op_atoll_respond(id, status, name, value, rest, src.body, done);
     }
-    return undefined;
+    return done ? FINISHED : undefined;
   }
   op_atoll_respond_stream(id, status, name, value, rest);
   return streamBody(id, src);
@@ -555,19 +570,23 @@ async function settleWaitUntil(id, ctx) {
   op_atoll_request_done(id);
 }
 
-/** Waits for a synchronously returned Response's body stream, then its waitUntil work. */
-async function finishStream(id, streaming, ctx) {
-  try {
-    await streaming;
-  } catch (e) {
-    op_atoll_respond_error(id, formatError(e));
-  }
-  await settleWaitUntil(id, ctx);
+/**
+ * Whether `resp` has a ReadableStream body. Those keep going through
+ * `finish`: started inside the dispatch call, a stream that failed soon
+ * after could reach the client before its response head (seen as an
+ * intermittent test failure), which the microtask turn of `finish` avoids.
+ */
+function hasStreamBody(resp) {
+  const inner = toInnerResponse(resp);
+  return inner.body !== null && isReadableStream(inner.body.streamOrStatic);
 }
 
 /**
  * Runs request `id` (called by the host, once per request): builds the
- * Request, calls the handler and starts `finish`.
+ * Request, calls the handler, and answers it at once if the handler
+ * returned a Response, or starts `finish` when it returned a promise.
+ * Work a synchronous handler queues as a microtask runs after the request
+ * is answered: a waitUntil call from there is too late to keep it open.
  */
 function handle(id, method, url, bodyRid) {
   const reqBody = bodyRid === null
@@ -592,17 +611,18 @@ function handle(id, method, url, bodyRid) {
     // function and a microtask turn.
     if (
       waitUntilPromises(ctx) === null &&
-      ObjectPrototypeIsPrototypeOf(ResponsePrototype, result)
+      ObjectPrototypeIsPrototypeOf(ResponsePrototype, result) &&
+      !hasStreamBody(result)
     ) {
-      let streaming;
+      let sent;
       try {
-        streaming = sendResponse(id, result, true);
+        sent = sendResponse(id, result, ctx);
       } catch (e) {
         op_atoll_respond_error(id, formatError(e));
         op_atoll_request_done(id);
         return;
       }
-      if (streaming !== undefined) finishStream(id, streaming, ctx);
+      if (sent !== FINISHED) settleWaitUntil(id, ctx);
       return;
     }
     finish(id, PromiseResolve(result), ctx);

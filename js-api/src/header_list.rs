@@ -7,8 +7,9 @@
 //! in JS makes the op read one string instead of walking
 //! `[[name, value], ...]` through the V8 API (three property reads per
 //! header), and it runs whatever accessors the tenant put on the list in
-//! JS, before the op, so the ops touch no tenant code. NUL cannot occur in a header name or value that the `http` crate
-//! accepts, so the split is unambiguous for any list a server could send.
+//! JS, before the op, so the ops touch no tenant code. NUL cannot occur
+//! in a header name or value that the `http` crate accepts, so the split
+//! is unambiguous for any list a server could send.
 
 use std::borrow::Cow;
 
