@@ -572,9 +572,8 @@ async function settleWaitUntil(id, ctx) {
 
 /**
  * Whether `resp` has a ReadableStream body. Those keep going through
- * `finish`: started inside the dispatch call, a stream that failed soon
- * after could reach the client before its response head (seen as an
- * intermittent test failure), which the microtask turn of `finish` avoids.
+ * `finish`, as before the inline path existed: that path was built and
+ * measured for bodies known in full only.
  */
 function hasStreamBody(resp) {
   const inner = toInnerResponse(resp);
