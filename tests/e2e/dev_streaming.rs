@@ -147,8 +147,17 @@ async fn a_failing_stream_is_not_delivered_as_complete() {
         )],
         &["broken.js"],
     );
-    let resp = client().get(dev.url("/")).send().await.expect("request");
-    assert_eq!(resp.status(), 200);
-    assert!(resp.bytes().await.is_err(), "a cut body must be an error");
+    // Usually the head and the first chunk go out before the error, and
+    // the body read fails. On a busy machine the chunk and the error can
+    // reach the connection in the same turn; the connection is then closed
+    // before the head is flushed, and the request itself fails. Either way
+    // the client must never see a complete body.
+    match client().get(dev.url("/")).send().await {
+        Ok(resp) => {
+            assert_eq!(resp.status(), 200);
+            assert!(resp.bytes().await.is_err(), "a cut body must be an error");
+        }
+        Err(e) => assert!(!e.is_status() && !e.is_builder(), "{e:?}"),
+    }
     dev.wait_for_log("upstream broke").await;
 }

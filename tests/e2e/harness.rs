@@ -131,6 +131,15 @@ impl Dev {
         self.stdout.lock().expect("lock").clone()
     }
 
+    /// Waits until stdout contains `needle`.
+    pub async fn wait_for_out(&self, needle: &str) -> String {
+        self.wait_for(&format!("{needle:?} on stdout"), |dev| {
+            let out = dev.out();
+            out.contains(needle).then_some(out)
+        })
+        .await
+    }
+
     /// Waits until the log contains `needle`.
     pub async fn wait_for_log(&self, needle: &str) -> String {
         self.wait_for(&format!("{needle:?} in the log"), |dev| {
