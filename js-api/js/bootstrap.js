@@ -29,14 +29,19 @@ const {
   ObjectDefineProperties,
   ObjectDefineProperty,
   ObjectFreeze,
+  ObjectGetOwnPropertyDescriptor,
+  ObjectHasOwn,
   ObjectPrototypeIsPrototypeOf,
   Promise,
   PromisePrototypeThen,
   PromiseReject,
   PromiseResolve,
+  ReflectApply,
   SafePromiseAllSettled,
   String,
   StringPrototypeEndsWith,
+  StringPrototypeStartsWith,
+  StringPrototypeToUpperCase,
   StringPrototypeSlice,
   TypedArrayPrototypeGetByteLength,
   StringPrototypeIndexOf,
@@ -65,6 +70,144 @@ const { DOMException } = core.loadExtScript("ext:deno_web/01_dom_exception.js");
 const abortSignal = core.loadExtScript("ext:deno_web/03_abort_signal.js");
 const crypto = core.loadExtScript("ext:deno_crypto/00_crypto.js");
 const headers = core.loadExtScript("ext:deno_fetch/20_headers.js");
+
+// WebCrypto runs its work on the host's blocking threads, outside the
+// isolate's CPU limit. Bound what one isolate can put there: at most two
+// operations at a time (the rest wait here and die with the isolate),
+// PBKDF2 at Workers' 100,000 iterations and 4096 derived bits, generated
+// RSA keys at 4096 bits.
+const MAX_CRYPTO_IN_FLIGHT = 2;
+const MAX_PBKDF2_ITERATIONS = 100_000;
+const MAX_PBKDF2_BITS = 4096;
+const MAX_RSA_MODULUS_BITS = 4096;
+const cryptoGate = { running: 0, head: null, tail: null };
+
+/** Resolves when this isolate may start one more WebCrypto operation. */
+function cryptoTurn() {
+  if (cryptoGate.running < MAX_CRYPTO_IN_FLIGHT) {
+    cryptoGate.running++;
+    return undefined;
+  }
+  return new Promise((resolve) => {
+    const waiter = { resolve, next: null };
+    if (cryptoGate.tail === null) cryptoGate.head = waiter;
+    else cryptoGate.tail.next = waiter;
+    cryptoGate.tail = waiter;
+  });
+}
+
+/** Hands a finished operation's turn to the next waiter. */
+function cryptoDone() {
+  const next = cryptoGate.head;
+  if (next === null) {
+    cryptoGate.running--;
+    return;
+  }
+  cryptoGate.head = next.next;
+  if (cryptoGate.head === null) cryptoGate.tail = null;
+  next.resolve();
+}
+
+const COPIED_MEMBERS = ["name", "hash", "salt", "publicExponent"];
+
+/** A plain copy of an algorithm dictionary whose getters ran once, so the
+ * values checked here are the values the operation sees. */
+function algorithmSnapshot(algorithm, members) {
+  if (algorithm === null || typeof algorithm !== "object") return algorithm;
+  // Each member is read once.
+  const copy = {};
+  for (const key in algorithm) copy[key] = algorithm[key];
+  // Members that may be inherited or non-enumerable, which for-in skips.
+  const copyMissing = (key) => {
+    if (!ObjectHasOwn(copy, key) && key in algorithm) copy[key] = algorithm[key];
+  };
+  for (let i = 0; i < COPIED_MEMBERS.length; i++) copyMissing(COPIED_MEMBERS[i]);
+  for (let i = 0; i < members.length; i++) copyMissing(members[i]);
+  // Converted once, as WebIDL would: a toString() or valueOf() cannot
+  // answer the check one way and the operation another.
+  if (copy.name !== undefined) copy.name = `${copy.name}`;
+  for (let i = 0; i < members.length; i++) {
+    if (copy[members[i]] !== undefined) copy[members[i]] = +copy[members[i]];
+  }
+  return copy;
+}
+
+function algorithmName(algorithm) {
+  if (typeof algorithm === "string") return StringPrototypeToUpperCase(algorithm);
+  if (algorithm === null || typeof algorithm !== "object") return "";
+  return typeof algorithm.name === "string" ? StringPrototypeToUpperCase(algorithm.name) : "";
+}
+
+function tooCostly(what, limit) {
+  return new DOMException(
+    `${what} above ${limit} is not supported (it would run outside the worker's CPU limit)`,
+    "NotSupportedError",
+  );
+}
+
+/** `args` with cost-bearing members copied and checked; throws
+ * NotSupportedError past the limits. */
+function boundedCryptoArgs(method, args) {
+  if (method === "deriveBits" || method === "deriveKey") {
+    args[0] = algorithmSnapshot(args[0], ["iterations"]);
+    if (algorithmName(args[0]) !== "PBKDF2") return args;
+    if (args[0].iterations > MAX_PBKDF2_ITERATIONS) {
+      throw tooCostly("PBKDF2 with iterations", MAX_PBKDF2_ITERATIONS);
+    }
+    if (method === "deriveBits") {
+      if (args[2] !== undefined && args[2] !== null) args[2] = +args[2];
+      if (args[2] > MAX_PBKDF2_BITS) throw tooCostly("PBKDF2 output in bits", MAX_PBKDF2_BITS);
+    } else {
+      args[2] = algorithmSnapshot(args[2], ["length"]);
+      if (typeof args[2] === "object" && args[2]?.length > MAX_PBKDF2_BITS) {
+        throw tooCostly("PBKDF2 output in bits", MAX_PBKDF2_BITS);
+      }
+    }
+  } else if (method === "generateKey") {
+    args[0] = algorithmSnapshot(args[0], ["modulusLength"]);
+    if (!StringPrototypeStartsWith(algorithmName(args[0]), "RSA")) return args;
+    if (args[0].modulusLength > MAX_RSA_MODULUS_BITS) {
+      throw tooCostly("an RSA modulusLength", MAX_RSA_MODULUS_BITS);
+    }
+  }
+  return args;
+}
+
+for (
+  const method of [
+    "digest",
+    "encrypt",
+    "decrypt",
+    "sign",
+    "verify",
+    "deriveBits",
+    "deriveKey",
+    "importKey",
+    "exportKey",
+    "generateKey",
+    "wrapKey",
+    "unwrapKey",
+  ]
+) {
+  const proto = crypto.SubtleCrypto.prototype;
+  const descriptor = ObjectGetOwnPropertyDescriptor(proto, method);
+  const original = descriptor.value;
+  const bounded = {
+    async [method](...args) {
+      args = boundedCryptoArgs(method, args);
+      const wait = cryptoTurn();
+      if (wait !== undefined) await wait;
+      try {
+        return await ReflectApply(original, this, args);
+      } finally {
+        cryptoDone();
+      }
+    },
+  }[method];
+  ObjectDefineProperty(bounded, "length", { value: original.length });
+  descriptor.value = bounded;
+  ObjectDefineProperty(proto, method, descriptor);
+}
 const formData = core.loadExtScript("ext:deno_fetch/21_formdata.js");
 const body = core.loadExtScript("ext:deno_fetch/22_body.js");
 const request = core.loadExtScript("ext:deno_fetch/23_request.js");
