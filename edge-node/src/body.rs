@@ -17,8 +17,47 @@ const REQUEST_CHUNK_BUFFER: usize = 4;
 #[error("response body aborted: {0}")]
 pub struct BodyAborted(String);
 
-/// The response body type of the server.
-pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyAborted>;
+/// The response body type of the server: a buffer known in full, or the
+/// chunks a handler streams. An enum rather than a boxed body: most
+/// responses are a buffer, and they then cost no allocation and no dynamic
+/// call per poll.
+pub enum ResponseBody {
+    /// The whole body; taken when sent.
+    Full(Option<Bytes>),
+    /// Chunks as the handler writes them.
+    Stream(ChannelBody),
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyAborted;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyAborted>>> {
+        match self.get_mut() {
+            ResponseBody::Full(data) => Poll::Ready(data.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Stream(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full(data) => data.is_none(),
+            ResponseBody::Stream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            ResponseBody::Stream(body) => body.size_hint(),
+        }
+    }
+}
 
 /// Forwards an incoming body into a channel the handler reads from, cutting
 /// it off with an error past `max_bytes`.
@@ -65,9 +104,9 @@ pub fn request_body(incoming: Incoming, max_bytes: u64) -> RequestBody {
 
 /// A body from a fixed buffer.
 pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
-    http_body_util::Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    let bytes = bytes.into();
+    // An empty body is already at its end (hyper then sends no chunk).
+    ResponseBody::Full((!bytes.is_empty()).then_some(bytes))
 }
 
 /// The handler's body as a hyper body.
@@ -75,15 +114,15 @@ pub fn response_body(body: OutgoingBody) -> ResponseBody {
     match body {
         OutgoingBody::Empty => full(Bytes::new()),
         OutgoingBody::Full(b) => full(b),
-        OutgoingBody::Stream(rx) => ChannelBody {
+        OutgoingBody::Stream(rx) => ResponseBody::Stream(ChannelBody {
             rx,
             finished: false,
-        }
-        .boxed_unsync(),
+        }),
     }
 }
 
-struct ChannelBody {
+/// A response body fed by the handler through a channel.
+pub struct ChannelBody {
     rx: mpsc::Receiver<Result<Bytes, String>>,
     finished: bool,
 }

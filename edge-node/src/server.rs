@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use atoll_runtime::{DispatchError, HttpRequest, LimitKind, Runtime};
+use atoll_runtime::{DispatchError, HttpRequest, LimitKind, RequestId, Runtime};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -287,7 +287,7 @@ impl EdgeNode {
         let url = [scheme, "://", host, path].concat();
         async move {
             let request = HttpRequest {
-                request_id: request_id.clone(),
+                request_id,
                 method: method.clone(),
                 url,
                 headers,
@@ -465,7 +465,7 @@ fn is_plain_authority(host: &str) -> bool {
 /// A 16-hex-digit id, unique within the process and unlikely to repeat
 /// across restarts: a random start plus a counter, scrambled by a bijective
 /// mix so ids do not look sequential. No system call per request.
-fn new_request_id() -> String {
+fn new_request_id() -> RequestId {
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -475,17 +475,10 @@ fn new_request_id() -> String {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = [0u8; 16];
-    for (i, digit) in id.iter_mut().enumerate() {
-        *digit = HEX[((z >> ((15 - i) * 4)) & 0xf) as usize];
-    }
-    std::str::from_utf8(&id)
-        .map(str::to_owned)
-        .unwrap_or_default()
+    RequestId::from_u64(z)
 }
 
-fn plain(status: StatusCode, request_id: &str, text: String) -> Response<ResponseBody> {
+fn plain(status: StatusCode, request_id: &RequestId, text: String) -> Response<ResponseBody> {
     let mut resp = Response::new(full(text));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
@@ -493,7 +486,7 @@ fn plain(status: StatusCode, request_id: &str, text: String) -> Response<Respons
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
+    if let Ok(v) = HeaderValue::from_str(request_id.as_str()) {
         headers.insert(HeaderName::from_static("x-request-id"), v);
     }
     resp
@@ -501,7 +494,7 @@ fn plain(status: StatusCode, request_id: &str, text: String) -> Response<Respons
 
 fn build_response(
     resp: atoll_runtime::OutgoingResponse,
-    request_id: &str,
+    request_id: &RequestId,
 ) -> Response<ResponseBody> {
     let status = match StatusCode::from_u16(resp.status) {
         Ok(s) => s,
@@ -585,7 +578,8 @@ mod tests {
 
     #[test]
     fn request_ids_are_distinct_16_digit_hex() {
-        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_request_id()).collect();
+        let ids: std::collections::HashSet<String> =
+            (0..1000).map(|_| new_request_id().to_string()).collect();
         assert_eq!(ids.len(), 1000);
         for id in &ids {
             assert_eq!(id.len(), 16, "{id}");

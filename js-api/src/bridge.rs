@@ -4,8 +4,8 @@
 //! `OpState`, owns the receiving halves. Everything is single-threaded
 //! (`Rc`), because an isolate never leaves its worker thread.
 
+use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -22,12 +22,47 @@ pub enum RequestBody {
     Stream(BodyChunks),
 }
 
+/// A request's id as logs and the `x-request-id` header show it: 16
+/// lowercase hex digits, kept inline so passing it along allocates nothing.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestId([u8; 16]);
+
+impl RequestId {
+    /// The id that shows `n` in hex.
+    pub fn from_u64(n: u64) -> RequestId {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut digits = [0u8; 16];
+        for (i, digit) in digits.iter_mut().enumerate() {
+            *digit = HEX[((n >> ((15 - i) * 4)) & 0xf) as usize];
+        }
+        RequestId(digits)
+    }
+
+    /// The 16 hex digits.
+    pub fn as_str(&self) -> &str {
+        // Always ASCII hex digits (see from_u64).
+        std::str::from_utf8(&self.0).unwrap_or("-")
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A request handed to the isolate.
 pub struct IncomingRequest {
     /// The host's id for this request; unique within the isolate.
     pub id: u32,
     /// Request id for logs (also sent to the client as `x-request-id`).
-    pub request_id: String,
+    pub request_id: RequestId,
     /// HTTP method.
     pub method: http::Method,
     /// Absolute URL as the handler will see it.
@@ -96,7 +131,7 @@ pub struct LogLine {
     /// 0 debug, 1 info/log, 2 warn, 3 error.
     pub level: u8,
     /// The request it was written under, if any.
-    pub request_id: Option<String>,
+    pub request_id: Option<RequestId>,
     /// The formatted message.
     pub message: String,
 }
@@ -105,7 +140,7 @@ pub struct LogLine {
 pub type LogSink = Rc<dyn Fn(LogLine)>;
 
 pub(crate) struct Pending {
-    pub(crate) request_id: String,
+    pub(crate) request_id: RequestId,
     /// The request's headers until JS first asks for them (most handlers
     /// never do, so they are not converted up front).
     pub(crate) headers: Option<http::HeaderMap>,
@@ -143,7 +178,9 @@ impl Default for FetchLimits {
 
 /// The isolate's end of the host bridge; lives in `OpState`.
 pub struct HostBridge {
-    pub(crate) pending: RefCell<HashMap<u32, Pending>>,
+    /// In-flight requests by id. Fx-hashed: a lookup happens several times
+    /// per request, and the ids are the host's own, not a client's.
+    pub(crate) pending: RefCell<FxHashMap<u32, Pending>>,
     pub(crate) boot: RefCell<Option<oneshot::Sender<Result<(), String>>>>,
     pub(crate) log: LogSink,
     pub(crate) fetch_limits: std::cell::Cell<FetchLimits>,
@@ -162,7 +199,7 @@ impl HostBridge {
         let (boot_tx, boot_rx) = oneshot::channel();
         (
             HostBridge {
-                pending: RefCell::new(HashMap::new()),
+                pending: RefCell::new(FxHashMap::default()),
                 boot: RefCell::new(Some(boot_tx)),
                 log,
                 fetch_limits: Default::default(),

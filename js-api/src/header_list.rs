@@ -67,8 +67,24 @@ pub(crate) fn from_parts(name: &str, value: &str, rest: &str) -> Result<HeaderMa
     Ok(headers)
 }
 
+/// Content types that `Response` sets itself (text, JSON) and that handlers
+/// often set: shared instead of copied into a new buffer for each response.
+const COMMON_VALUES: [&str; 4] = [
+    "text/plain;charset=UTF-8",
+    "application/json",
+    "text/html;charset=UTF-8",
+    "text/html; charset=utf-8",
+];
+
+fn header_value(value: &[u8]) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    match COMMON_VALUES.iter().find(|c| c.as_bytes() == value) {
+        Some(common) => Ok(HeaderValue::from_static(common)),
+        None => HeaderValue::from_bytes(value),
+    }
+}
+
 fn append(headers: &mut HeaderMap, name: &[u8], value: &[u8]) -> Result<(), JsErrorBox> {
-    match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+    match (HeaderName::from_bytes(name), header_value(value)) {
         (Ok(n), Ok(v)) => headers
             .try_append(n, v)
             .map(drop)

@@ -11,7 +11,8 @@ mod ops;
 
 pub use bridge::{
     Accepted, BodyChunks, FailureKind, FetchLimits, HandlerError, HostBridge, HostHandle,
-    IncomingRequest, LogLine, LogSink, OutgoingBody, OutgoingResponse, RequestBody, accept,
+    IncomingRequest, LogLine, LogSink, OutgoingBody, OutgoingResponse, RequestBody, RequestId,
+    accept,
 };
 
 deno_core::extension!(

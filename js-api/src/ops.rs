@@ -315,11 +315,7 @@ pub fn op_atoll_log(state: &mut OpState, #[smi] level: u8, id: u32, #[string] me
     let request_id = if id == 0 {
         None
     } else {
-        bridge
-            .pending
-            .borrow()
-            .get(&id)
-            .map(|p| p.request_id.clone())
+        bridge.pending.borrow().get(&id).map(|p| p.request_id)
     };
     (bridge.log)(LogLine {
         level,

@@ -5,7 +5,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use atoll_js_api::{FailureKind, HostBridge, HostHandle, IncomingRequest, LogLine, LogSink};
+use atoll_js_api::{
+    FailureKind, HostBridge, HostHandle, IncomingRequest, LogLine, LogSink, RequestId,
+};
 use deno_core::{JsRuntime, RuntimeOptions, v8};
 
 use crate::deployment::Deployment;
@@ -305,7 +307,7 @@ impl Drop for Isolate {
 
 fn log_console(owner: &Option<Arc<Deployment>>, line: LogLine) {
     let tenant = owner.as_ref().map(|d| d.tenant.as_str()).unwrap_or("-");
-    let request_id = line.request_id.as_deref().unwrap_or("-");
+    let request_id = line.request_id.as_ref().map_or("-", RequestId::as_str);
     let msg = line.message;
     match line.level {
         0 => tracing::debug!(target: "atoll::console", tenant, request_id, "{msg}"),

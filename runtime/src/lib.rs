@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
-pub use atoll_js_api::{FailureKind, FetchLimits, OutgoingBody, OutgoingResponse, RequestBody};
+pub use atoll_js_api::{
+    FailureKind, FetchLimits, OutgoingBody, OutgoingResponse, RequestBody, RequestId,
+};
 pub use atoll_protocol::Bundle;
 pub use deno_core::ByteString;
 pub use deployment::Deployment;
@@ -40,7 +42,7 @@ use crate::worker::WorkerMsg;
 /// A request as the runtime receives it from a server.
 pub struct HttpRequest {
     /// Request id for logs.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// HTTP method.
     pub method: http::Method,
     /// Absolute URL the handler sees.
@@ -207,6 +209,9 @@ impl Runtime {
 
     /// The worker that runs `tenant`'s isolate.
     fn home_of(&self, tenant: &str) -> usize {
+        if self.workers.len() == 1 {
+            return 0;
+        }
         let mut h = std::collections::hash_map::DefaultHasher::new();
         tenant.hash(&mut h);
         (h.finish() % self.workers.len() as u64) as usize

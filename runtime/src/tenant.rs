@@ -7,7 +7,7 @@
 //! drops the isolate. The tenant's next request starts a fresh one.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use atoll_js_api::{FailureKind, HandlerError, HostBridge, IncomingRequest};
 use deno_core::PollEventLoopOptions;
+use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
@@ -54,7 +55,8 @@ struct Queued {
 
 #[derive(Default)]
 struct SlotState {
-    in_flight: HashMap<u32, InFlight>,
+    /// Requests the isolate is running, by id (Fx-hashed: host-made keys).
+    in_flight: FxHashMap<u32, InFlight>,
     /// Requests over the concurrency limit, oldest first.
     queue: VecDeque<Queued>,
     /// Wakes the driving task when a request is queued or the slot retires.

@@ -7,6 +7,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustc_hash::FxHashMap;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::deployment::Deployment;
@@ -107,7 +108,9 @@ pub(crate) struct WorkerConfig {
 }
 
 struct Worker {
-    slots: RefCell<HashMap<String, Rc<TenantSlot>>>,
+    /// Fx-hashed: looked up on every request; tenant names come from the
+    /// operator's config, not from clients.
+    slots: RefCell<FxHashMap<String, Rc<TenantSlot>>>,
     pool: RefCell<Vec<Isolate>>,
     config: WorkerConfig,
     watch: Arc<CpuWatch>,
@@ -146,7 +149,7 @@ pub(crate) fn spawn(
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 let worker = Rc::new(Worker {
-                    slots: RefCell::new(HashMap::new()),
+                    slots: RefCell::new(FxHashMap::default()),
                     pool: RefCell::new(Vec::new()),
                     config,
                     watch: watchdog.register_current_thread(),
