@@ -96,6 +96,7 @@ struct LimitsSection {
     fetch_concurrency: Option<Spanned<u64>>,
     fetch_response_mb: Option<Spanned<u64>>,
     max_body_mb: Option<Spanned<u64>>,
+    head_timeout_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -351,6 +352,10 @@ impl NodeConfig {
             server.max_body_bytes =
                 mebibytes(mb, "limits.max_body_mb", 1, MAX_BODY_MB, &invalid)? as u64;
         }
+        if let Some(ms) = &file.limits.head_timeout_ms {
+            server.header_read_timeout =
+                Duration::from_millis(positive(ms, "limits.head_timeout_ms", &invalid)?);
+        }
 
         let mut names = HashSet::new();
         let mut scripts = Vec::new();
@@ -360,6 +365,13 @@ impl NodeConfig {
                 return Err(invalid(
                     s.name.span(),
                     format!("scripts.name: {name:?} is empty or used twice"),
+                ));
+            }
+            if let Some(ms) = &s.limits.head_timeout_ms {
+                return Err(invalid(
+                    ms.span(),
+                    "scripts.limits.head_timeout_ms: the head timeout is node-wide; set it in [limits]"
+                        .into(),
                 ));
             }
             if let Some(mb) = &s.limits.max_body_mb {

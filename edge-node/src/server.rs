@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::body::{ResponseBody, full, request_body, response_body};
+use crate::head_deadline::{HeadDeadline, TrackedBody};
 use crate::routes::Routes;
 
 /// Limits the server applies before a request reaches a tenant.
@@ -137,11 +138,17 @@ impl EdgeNode {
             };
             let node = self.clone();
             let scheme = if tls.is_some() { "https" } else { "http" };
+            let deadline = HeadDeadline::new();
+            let conn_deadline = deadline.clone();
             let service = service_fn(move |req| {
                 let node = node.clone();
+                let active = deadline.request_started();
                 // Boxed: hyper moves the service future around, and the
                 // request's whole state machine is large to copy.
-                let handling = Box::pin(async move { node.handle(req, peer, scheme).await });
+                let handling = Box::pin(async move {
+                    let resp = node.handle(req, peer, scheme).await;
+                    resp.map(|body| TrackedBody::new(body, active))
+                });
                 async move { Ok::<_, Infallible>(handling.await) }
             });
             let watcher = graceful.watcher();
@@ -168,7 +175,9 @@ impl EdgeNode {
                                 Ok(Ok(h2)) => h2,
                                 _ => return,
                             };
-                        protocols.serve(stream, h2, service, watcher).await
+                        protocols
+                            .serve(stream, h2, service, watcher, &conn_deadline)
+                            .await
                     }
                     Some(acceptor) => {
                         let handshake = async {
@@ -198,7 +207,9 @@ impl EdgeNode {
                                 }
                             };
                         let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        protocols.serve(tls_stream, h2, service, watcher).await
+                        protocols
+                            .serve(tls_stream, h2, service, watcher, &conn_deadline)
+                            .await
                     }
                 };
                 if let Err(e) = result {
@@ -361,6 +372,8 @@ impl EdgeNode {
 struct Protocols {
     h1: hyper::server::conn::http1::Builder,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    /// How long an HTTP/1 connection may wait for a request head.
+    head_timeout: std::time::Duration,
 }
 
 impl Protocols {
@@ -378,27 +391,35 @@ impl Protocols {
         let ping_timeout = std::time::Duration::from_secs(10);
 
         let mut h1 = hyper::server::conn::http1::Builder::new();
+        // The head timeout is the connection's HeadDeadline, not hyper's
+        // per-request timer.
         h1.timer(TokioTimer::new())
             .max_buf_size(max_buf)
             .max_header_size(limits.max_header_bytes)
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(None)
             .writev(writev);
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .max_header_list_size(max_header_list)
             .keep_alive_interval(ping_every)
             .keep_alive_timeout(ping_timeout);
-        Protocols { h1, h2 }
+        Protocols {
+            h1,
+            h2,
+            head_timeout: limits.header_read_timeout,
+        }
     }
 
-    /// Serves `io` with HTTP/2 or HTTP/1 until it closes or the node shuts
-    /// down (`watcher`).
+    /// Serves `io` with HTTP/2 or HTTP/1 until it closes, the node shuts
+    /// down (`watcher`), or an HTTP/1 client keeps it waiting for a request
+    /// head past the limit (`deadline`; HTTP/2 peers answer pings instead).
     async fn serve<I, S, B>(
         &self,
         io: I,
         h2: bool,
         service: S,
         watcher: hyper_util::server::graceful::Watcher,
+        deadline: &HeadDeadline,
     ) -> Result<(), hyper::Error>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -413,7 +434,15 @@ impl Protocols {
         if h2 {
             watcher.watch(self.h2.serve_connection(io, service)).await
         } else {
-            watcher.watch(self.h1.serve_connection(io, service)).await
+            tokio::select! {
+                biased;
+                served = watcher.watch(self.h1.serve_connection(io, service)) => served,
+                // No request is running: dropping the connection closes it.
+                () = deadline.expired(self.head_timeout) => {
+                    tracing::debug!("closed a connection that sent no request head in time");
+                    Ok(())
+                }
+            }
         }
     }
 }

@@ -358,3 +358,72 @@ fn a_key_that_does_not_match_its_certificate_stops_the_node() {
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
 }
+
+#[tokio::test]
+async fn slow_and_idle_http1_clients_are_dropped_after_the_head_timeout() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = Dev::start_node(&[
+        (
+            "node.toml",
+            r#"
+[[listen]]
+addr = "127.0.0.1:0"
+
+[admin]
+addr = "127.0.0.1:0"
+
+[limits]
+head_timeout_ms = 300
+
+[[scripts]]
+name = "slow"
+entry = "slow.js"
+
+[[routes]]
+pattern = "*"
+script = "slow"
+"#,
+        ),
+        (
+            "slow.js",
+            // Answers after three head timeouts: a running request is not
+            // a client that keeps the node waiting.
+            "export default { async fetch() { await new Promise((r) => setTimeout(r, 900)); return new Response('late'); } };\n",
+        ),
+    ]);
+    // Without the timeout these reads would wait forever; 10 s is far past
+    // the limit.
+    let closed_within = |mut conn: tokio::net::TcpStream| async move {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest))
+            .await
+            .expect("the node should have closed the connection")
+            .map(|_| String::from_utf8_lossy(&rest).into_owned())
+    };
+
+    // A head that never completes.
+    let mut dribbling = tokio::net::TcpStream::connect(node.addr())
+        .await
+        .expect("connect");
+    dribbling
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n")
+        .await
+        .expect("write");
+    let answer = closed_within(dribbling).await.unwrap_or_default();
+    assert!(!answer.contains("200"), "{answer}");
+
+    // A slow response completes; the idle connection after it is closed.
+    let mut keep_alive = tokio::net::TcpStream::connect(node.addr())
+        .await
+        .expect("connect");
+    keep_alive
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .expect("write");
+    let answer = closed_within(keep_alive).await.expect("read");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("late"),
+        "{answer}"
+    );
+}
