@@ -72,14 +72,20 @@ const crypto = core.loadExtScript("ext:deno_crypto/00_crypto.js");
 const headers = core.loadExtScript("ext:deno_fetch/20_headers.js");
 
 // WebCrypto runs its work on the host's blocking threads, outside the
-// isolate's CPU limit. Bound what one isolate can put there: at most two
-// operations at a time (the rest wait here and die with the isolate),
-// PBKDF2 at Workers' 100,000 iterations and 4096 derived bits, generated
-// RSA keys at 4096 bits.
+// isolate's CPU and heap limits. Bound what one isolate can put there: at
+// most two operations at a time (the rest wait here and die with the
+// isolate), and caps on the parameters that set an operation's cost.
 const MAX_CRYPTO_IN_FLIGHT = 2;
+/** Most PBKDF2 iterations (Workers' limit). */
 const MAX_PBKDF2_ITERATIONS = 100_000;
-const MAX_PBKDF2_BITS = 4096;
+/** Most bits one deriveBits call or derived/generated key may have. */
+const MAX_KEY_BITS = 4096;
+/** Most bits of a generated RSA modulus. */
 const MAX_RSA_MODULUS_BITS = 4096;
+/** Argon2 bounds: memory in KiB (64 MiB), passes, lanes. */
+const MAX_ARGON2_MEMORY_KIB = 64 * 1024;
+const MAX_ARGON2_PASSES = 10;
+const MAX_ARGON2_PARALLELISM = 16;
 const cryptoGate = { running: 0, head: null, tail: null };
 
 /** Resolves when this isolate may start one more WebCrypto operation. */
@@ -108,26 +114,36 @@ function cryptoDone() {
   next.resolve();
 }
 
-const COPIED_MEMBERS = ["name", "hash", "salt", "publicExponent"];
+/** Dictionary members the operations read (deno_crypto's algorithm
+ * parameters), copied even when inherited or non-enumerable. */
+const ALGORITHM_MEMBERS = [
+  "name", "hash", "salt", "info", "iterations", "memory", "passes",
+  "parallelism", "nonce", "secretValue", "associatedData", "length",
+  "modulusLength", "publicExponent", "namedCurve", "public", "iv", "counter",
+  "additionalData", "tagLength", "label", "saltLength", "context",
+  "customization", "outputLength",
+];
+/** Members that set an operation's cost: converted to numbers once. */
+const COST_MEMBERS = [
+  "iterations", "memory", "passes", "parallelism", "length", "modulusLength",
+];
 
-/** A plain copy of an algorithm dictionary whose getters ran once, so the
- * values checked here are the values the operation sees. */
-function algorithmSnapshot(algorithm, members) {
+/** A plain, prototype-less copy of an algorithm dictionary whose members
+ * were each read once, so the values checked here are the values the
+ * operation sees (no getter, valueOf, toString or prototype can answer
+ * the check one way and the operation another). */
+function algorithmSnapshot(algorithm) {
   if (algorithm === null || typeof algorithm !== "object") return algorithm;
-  // Each member is read once.
-  const copy = {};
+  const copy = { __proto__: null };
   for (const key in algorithm) copy[key] = algorithm[key];
-  // Members that may be inherited or non-enumerable, which for-in skips.
-  const copyMissing = (key) => {
+  for (let i = 0; i < ALGORITHM_MEMBERS.length; i++) {
+    const key = ALGORITHM_MEMBERS[i];
     if (!ObjectHasOwn(copy, key) && key in algorithm) copy[key] = algorithm[key];
-  };
-  for (let i = 0; i < COPIED_MEMBERS.length; i++) copyMissing(COPIED_MEMBERS[i]);
-  for (let i = 0; i < members.length; i++) copyMissing(members[i]);
-  // Converted once, as WebIDL would: a toString() or valueOf() cannot
-  // answer the check one way and the operation another.
+  }
   if (copy.name !== undefined) copy.name = `${copy.name}`;
-  for (let i = 0; i < members.length; i++) {
-    if (copy[members[i]] !== undefined) copy[members[i]] = +copy[members[i]];
+  for (let i = 0; i < COST_MEMBERS.length; i++) {
+    const key = COST_MEMBERS[i];
+    if (copy[key] !== undefined && copy[key] !== null) copy[key] = +copy[key];
   }
   return copy;
 }
@@ -138,75 +154,88 @@ function algorithmName(algorithm) {
   return typeof algorithm.name === "string" ? StringPrototypeToUpperCase(algorithm.name) : "";
 }
 
-function tooCostly(what, limit) {
-  return new DOMException(
-    `${what} above ${limit} is not supported (it would run outside the worker's CPU limit)`,
-    "NotSupportedError",
-  );
+/**
+ * Throws NotSupportedError unless `value` (a member of a snapshot) is
+ * absent or within [min, max]. The host converts with ToUint32, which
+ * wraps: a negative or huge number would become another size, so only
+ * the range itself passes (NaN fails every comparison).
+ */
+function checkCost(value, min, max, what) {
+  if (value === undefined || value === null) return;
+  if (!(value >= min && value <= max)) {
+    throw new DOMException(
+      `${what} must be between ${min} and ${max} here (the work runs outside the worker's CPU limit)`,
+      "NotSupportedError",
+    );
+  }
 }
 
-/** `args` with cost-bearing members copied and checked; throws
- * NotSupportedError past the limits. */
+/** Checks a (snapshot) algorithm used to derive bits or keys. */
+function checkDerivation(algorithm) {
+  const name = algorithmName(algorithm);
+  if (name === "PBKDF2") {
+    checkCost(algorithm.iterations, 0, MAX_PBKDF2_ITERATIONS, "PBKDF2 iterations");
+  } else if (StringPrototypeStartsWith(name, "ARGON2")) {
+    checkCost(algorithm.memory, 0, MAX_ARGON2_MEMORY_KIB, "Argon2 memory (KiB)");
+    checkCost(algorithm.passes, 0, MAX_ARGON2_PASSES, "Argon2 passes");
+    checkCost(algorithm.parallelism, 0, MAX_ARGON2_PARALLELISM, "Argon2 parallelism");
+  }
+}
+
+/** `args` with every algorithm dictionary replaced by a checked snapshot;
+ * throws NotSupportedError past the limits. */
 function boundedCryptoArgs(method, args) {
-  if (method === "deriveBits" || method === "deriveKey") {
-    args[0] = algorithmSnapshot(args[0], ["iterations"]);
-    if (algorithmName(args[0]) !== "PBKDF2") return args;
-    if (args[0].iterations > MAX_PBKDF2_ITERATIONS) {
-      throw tooCostly("PBKDF2 with iterations", MAX_PBKDF2_ITERATIONS);
-    }
-    if (method === "deriveBits") {
-      if (args[2] !== undefined && args[2] !== null) args[2] = +args[2];
-      if (args[2] > MAX_PBKDF2_BITS) throw tooCostly("PBKDF2 output in bits", MAX_PBKDF2_BITS);
-    } else {
-      args[2] = algorithmSnapshot(args[2], ["length"]);
-      if (typeof args[2] === "object" && args[2]?.length > MAX_PBKDF2_BITS) {
-        throw tooCostly("PBKDF2 output in bits", MAX_PBKDF2_BITS);
-      }
+  if (method === "deriveBits") {
+    args[0] = algorithmSnapshot(args[0]);
+    checkDerivation(args[0]);
+    if (args[2] !== undefined && args[2] !== null) args[2] = +args[2];
+    checkCost(args[2], 0, MAX_KEY_BITS, "the length in bits");
+  } else if (method === "deriveKey") {
+    args[0] = algorithmSnapshot(args[0]);
+    checkDerivation(args[0]);
+    args[2] = algorithmSnapshot(args[2]);
+    if (typeof args[2] === "object" && args[2] !== null) {
+      checkCost(args[2].length, 0, MAX_KEY_BITS, "the derived key's length in bits");
     }
   } else if (method === "generateKey") {
-    args[0] = algorithmSnapshot(args[0], ["modulusLength"]);
-    if (!StringPrototypeStartsWith(algorithmName(args[0]), "RSA")) return args;
-    if (args[0].modulusLength > MAX_RSA_MODULUS_BITS) {
-      throw tooCostly("an RSA modulusLength", MAX_RSA_MODULUS_BITS);
+    args[0] = algorithmSnapshot(args[0]);
+    if (typeof args[0] === "object" && args[0] !== null) {
+      checkCost(args[0].modulusLength, 0, MAX_RSA_MODULUS_BITS, "an RSA modulusLength");
+      checkCost(args[0].length, 0, MAX_KEY_BITS, "the key's length in bits");
     }
   }
   return args;
 }
 
-for (
-  const method of [
-    "digest",
-    "encrypt",
-    "decrypt",
-    "sign",
-    "verify",
-    "deriveBits",
-    "deriveKey",
-    "importKey",
-    "exportKey",
-    "generateKey",
-    "wrapKey",
-    "unwrapKey",
-  ]
-) {
+{
   const proto = crypto.SubtleCrypto.prototype;
-  const descriptor = ObjectGetOwnPropertyDescriptor(proto, method);
-  const original = descriptor.value;
-  const bounded = {
-    async [method](...args) {
-      args = boundedCryptoArgs(method, args);
-      const wait = cryptoTurn();
-      if (wait !== undefined) await wait;
-      try {
-        return await ReflectApply(original, this, args);
-      } finally {
-        cryptoDone();
-      }
-    },
-  }[method];
-  ObjectDefineProperty(bounded, "length", { value: original.length });
-  descriptor.value = bounded;
-  ObjectDefineProperty(proto, method, descriptor);
+  // Every async method: all of them may run on the blocking threads.
+  const methods = [
+    "digest", "encrypt", "decrypt", "sign", "verify", "deriveBits", "deriveKey",
+    "importKey", "exportKey", "generateKey", "getPublicKey", "wrapKey", "unwrapKey",
+    "encapsulateBits", "encapsulateKey", "decapsulateBits", "decapsulateKey",
+  ];
+  for (let i = 0; i < methods.length; i++) {
+    const method = methods[i];
+    const descriptor = ObjectGetOwnPropertyDescriptor(proto, method);
+    if (descriptor === undefined || typeof descriptor.value !== "function") continue;
+    const original = descriptor.value;
+    const bounded = {
+      async [method](...args) {
+        args = boundedCryptoArgs(method, args);
+        const wait = cryptoTurn();
+        if (wait !== undefined) await wait;
+        try {
+          return await ReflectApply(original, this, args);
+        } finally {
+          cryptoDone();
+        }
+      },
+    }[method];
+    ObjectDefineProperty(bounded, "length", { value: original.length });
+    descriptor.value = bounded;
+    ObjectDefineProperty(proto, method, descriptor);
+  }
 }
 const formData = core.loadExtScript("ext:deno_fetch/21_formdata.js");
 const body = core.loadExtScript("ext:deno_fetch/22_body.js");

@@ -410,6 +410,48 @@ async fn webcrypto_work_off_the_isolate_is_bounded() {
                 const disguised = pbkdf2(2e9);
                 disguised.name = { toString: () => (names++ === 0 ? "HKDF" : "PBKDF2") };
                 out.disguised = await failure(subtle.deriveBits(disguised, key, 256));
+                // Sizes the host would wrap around (it converts with ToUint32).
+                out.wrappedModulus = await failure(subtle.generateKey(
+                  { name: "RSASSA-PKCS1-v1_5", modulusLength: 8192 - 2 ** 32,
+                    publicExponent: new Uint8Array([1, 0, 1]), hash: "SHA-256" }, false, ["sign"]));
+                out.negativeLength = await failure(subtle.deriveKey(pbkdf2(1), key,
+                  { name: "HMAC", hash: "SHA-256", length: -8 }, false, ["sign"]));
+                out.hugeHmacKey = await failure(subtle.generateKey(
+                  { name: "HMAC", hash: "SHA-256", length: 2 ** 31 }, false, ["sign"]));
+                out.nullLength = await failure(subtle.deriveKey(pbkdf2(1), key,
+                  { name: "HMAC", hash: "SHA-256", length: null }, false, ["sign"]));
+                const argon = await subtle.importKey("raw", enc.encode("pw"), "Argon2id", false, ["deriveBits"]);
+                out.argonMemory = await failure(subtle.deriveBits(
+                  { name: "Argon2id", memory: 10_000_000, passes: 1, parallelism: 1, nonce: enc.encode("saltsalt") },
+                  argon, 256));
+                // Accessors reached through the prototype chain: a planted
+                // "__proto__" member, or one on Object.prototype.
+                const hung = (p) => Promise.race([failure(p), new Promise((r) => setTimeout(() => r("hung"), 5000))]);
+                let protoReads = 0;
+                const evil = { get iterations() { return protoReads++ < 3 ? 1 : 2e9; }, set iterations(_) {} };
+                const planted = pbkdf2(undefined);
+                delete planted.iterations;
+                Object.defineProperty(planted, "__proto__", { value: evil, enumerable: true, writable: true, configurable: true });
+                out.plantedProto = await hung(subtle.deriveBits(planted, key, 256));
+                let globalReads = 0;
+                Object.defineProperty(Object.prototype, "iterations", {
+                  get() { return globalReads++ < 1 ? 1 : 2e9; }, set(_) {}, configurable: true });
+                const inherited = pbkdf2(undefined);
+                delete inherited.iterations;
+                try {
+                  const bits = await Promise.race([subtle.deriveBits(inherited, key, 256),
+                    new Promise((r) => setTimeout(() => r(null), 5000))]);
+                  out.inheritedAccessor = bits === null ? "hung" : hex(bits);
+                } finally {
+                  delete Object.prototype.iterations;
+                }
+                // Two operations at a time: a quick digest queued behind two
+                // slow derivations finishes after one of them.
+                const order = [];
+                const slow = (tag) => subtle.deriveBits(pbkdf2(100000), key, 256).then(() => order.push(tag));
+                await Promise.all([slow("pbkdf2"), slow("pbkdf2"),
+                  subtle.digest("SHA-256", enc.encode("x")).then(() => order.push("digest"))]);
+                out.order = order;
                 // More operations than may run at once all finish, in order.
                 const digests = await Promise.all(
                   Array.from({ length: 8 }, (_, i) => subtle.digest("SHA-256", enc.encode(String(i)))));
@@ -437,6 +479,23 @@ async fn webcrypto_work_off_the_isolate_is_bounded() {
         "the checked value must be the one used"
     );
     assert_ne!(v["disguised"], "resolved", "{v}");
+    assert_eq!(v["wrappedModulus"], "NotSupportedError");
+    assert_eq!(v["negativeLength"], "NotSupportedError");
+    assert_eq!(v["hugeHmacKey"], "NotSupportedError");
+    assert_eq!(v["nullLength"], "resolved", "null means the default length");
+    assert_eq!(v["argonMemory"], "NotSupportedError");
+    assert!(
+        v["plantedProto"] != "resolved" && v["plantedProto"] != "hung",
+        "{v}"
+    );
+    assert_eq!(v["inheritedAccessor"], v["one"], "{v}");
+    // The digest alone takes microseconds: it can only come after a
+    // derivation if it waited for that derivation's turn.
+    assert_eq!(
+        v["order"][0], "pbkdf2",
+        "the digest must wait for a turn: {v}"
+    );
+    assert_eq!(v["order"].as_array().map(Vec::len), Some(3), "{v}");
     use sha2::Digest;
     let expected: Vec<String> = (0..8)
         .map(|i| hex(&sha2::Sha256::digest(i.to_string().as_bytes())[..4]))
