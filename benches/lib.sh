@@ -55,8 +55,8 @@ setup_tools() {
     atoll=$(realpath "$ATOLL_BIN")
     return
   fi
-  # The dist profile (fat LTO, one codegen unit) is how Deno and workerd
-  # build their release binaries too.
+  # The dist profile (fat LTO, one codegen unit) is how Deno builds its
+  # release binary too.
   step "building atoll (dist profile; the first build takes about 20 minutes on 2 cores)"
   (cd "$root" && cargo build --profile dist --quiet --bin atoll)
   atoll="$root/target/dist/atoll"

@@ -5,15 +5,18 @@
 //! hyper's own `header_read_timeout` does this with a timer armed and
 //! cancelled for every request (a boxed sleep, a timer-wheel insert and
 //! removal, clock reads), a few percent of a small request's CPU. Here each
-//! connection has one timer that wakes at most once per limit and checks
-//! shared state that requests update with an atomic add and a clock read.
+//! connection has one timer task that wakes at most once per limit and
+//! checks state that requests keep with an atomic add and a clock read; the
+//! connection itself only reads a flag when it is polled.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 // tokio's clock: the same as std's, but one tests can pause and advance.
@@ -28,6 +31,10 @@ pub(crate) struct HeadDeadline {
     active: AtomicU32,
     /// Nanoseconds after `opened` when the last response was handed over.
     idle_since: AtomicU64,
+    /// Set once the client kept the connection waiting too long.
+    expired: AtomicBool,
+    /// The connection's task, woken when `expired` is set.
+    connection: AtomicWaker,
 }
 
 impl HeadDeadline {
@@ -37,6 +44,8 @@ impl HeadDeadline {
             opened: Instant::now(),
             active: AtomicU32::new(0),
             idle_since: AtomicU64::new(0),
+            expired: AtomicBool::new(false),
+            connection: AtomicWaker::new(),
         })
     }
 
@@ -47,9 +56,37 @@ impl HeadDeadline {
         ActiveRequest(self.clone())
     }
 
-    /// Resolves once the connection has waited longer than `limit` for a
-    /// request head, with no request active.
-    pub(crate) async fn expired(&self, limit: Duration) {
+    /// Runs `connection` until it finishes, or until the client has kept
+    /// it waiting longer than `limit` for a request head with no request
+    /// active; then drops it (closing the socket) and returns `None`.
+    pub(crate) async fn serve<F: Future>(
+        self: &Arc<Self>,
+        connection: F,
+        limit: Duration,
+    ) -> Option<F::Output> {
+        let _timer = AbortOnDrop(tokio::spawn(self.clone().expire_after(limit)));
+        let mut connection = std::pin::pin!(connection);
+        std::future::poll_fn(|cx| {
+            if self.expired.load(Ordering::Acquire) {
+                return Poll::Ready(None);
+            }
+            if let Poll::Ready(out) = connection.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            self.connection.register(cx.waker());
+            // Expired between the first check and registering: no wake is
+            // coming for it.
+            if self.expired.load(Ordering::Acquire) {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Sets `expired` (and wakes the connection) once the connection has
+    /// waited longer than `limit` for a request head with no request active.
+    async fn expire_after(self: Arc<Self>, limit: Duration) {
         let mut wake = self.opened + limit;
         loop {
             tokio::time::sleep_until(wake).await;
@@ -62,10 +99,21 @@ impl HeadDeadline {
                 self.opened + Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
             let due = idle_since + limit;
             if due <= now {
+                self.expired.store(true, Ordering::Release);
+                self.connection.wake();
                 return;
             }
             wake = due;
         }
+    }
+}
+
+/// Stops the deadline's timer task with its connection.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -85,7 +133,8 @@ impl Drop for ActiveRequest {
 }
 
 /// A response body that keeps its request active until hyper drops it,
-/// which it does once the body has been sent (or the connection failed).
+/// which it does once it has taken the last chunk (that chunk may still
+/// wait in hyper's write buffer) or the connection failed.
 pub(crate) struct TrackedBody<B> {
     inner: B,
     _active: ActiveRequest,
@@ -127,31 +176,43 @@ mod tests {
 
     const LIMIT: Duration = Duration::from_secs(10);
 
+    /// A connection that never finishes on its own.
+    fn forever() -> std::future::Pending<()> {
+        std::future::pending()
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn an_idle_connection_expires_after_the_limit() {
+    async fn an_idle_connection_is_dropped_after_the_limit() {
         let state = HeadDeadline::new();
         let started = tokio::time::Instant::now();
-        state.expired(LIMIT).await;
+        assert_eq!(state.serve(forever(), LIMIT).await, None);
         assert_eq!(started.elapsed(), LIMIT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_finishes_returns_its_output() {
+        let state = HeadDeadline::new();
+        assert_eq!(state.serve(async { 7 }, LIMIT).await, Some(7));
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_active_request_holds_the_deadline_off_and_its_end_restarts_it() {
         let state = HeadDeadline::new();
         let active = state.request_started();
-        let expired = {
+        let served = {
             let state = state.clone();
-            tokio::spawn(async move { state.expired(LIMIT).await })
+            tokio::spawn(async move { state.serve(forever(), LIMIT).await })
         };
         // A response that streams for three limits keeps the connection.
         tokio::time::sleep(3 * LIMIT).await;
-        assert!(!expired.is_finished());
+        assert!(!served.is_finished());
         drop(active);
         tokio::time::sleep(LIMIT / 2).await;
-        assert!(!expired.is_finished());
+        assert!(!served.is_finished());
         // The limit counts again from the end of the response.
         tokio::time::sleep(LIMIT).await;
         tokio::task::yield_now().await;
-        assert!(expired.is_finished());
+        assert!(served.is_finished());
+        assert_eq!(served.await.ok(), Some(None));
     }
 }

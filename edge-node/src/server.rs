@@ -166,8 +166,8 @@ impl EdgeNode {
                 };
                 let result = match tls {
                     None => {
-                        // hyper's header timeout starts only once it knows
-                        // the protocol: bound the wait for the first bytes.
+                        // The head deadline runs once the protocol is known:
+                        // bound the wait for the first bytes that pick it.
                         let h2 =
                             match tokio::time::timeout(handshake_timeout, is_h2_preface(&stream))
                                 .await
@@ -419,7 +419,7 @@ impl Protocols {
         h2: bool,
         service: S,
         watcher: hyper_util::server::graceful::Watcher,
-        deadline: &HeadDeadline,
+        deadline: &Arc<HeadDeadline>,
     ) -> Result<(), hyper::Error>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -434,11 +434,11 @@ impl Protocols {
         if h2 {
             watcher.watch(self.h2.serve_connection(io, service)).await
         } else {
-            tokio::select! {
-                biased;
-                served = watcher.watch(self.h1.serve_connection(io, service)) => served,
-                // No request is running: dropping the connection closes it.
-                () = deadline.expired(self.head_timeout) => {
+            let connection = watcher.watch(self.h1.serve_connection(io, service));
+            match deadline.serve(connection, self.head_timeout).await {
+                Some(served) => served,
+                // No request was running: dropping the connection closed it.
+                None => {
                     tracing::debug!("closed a connection that sent no request head in time");
                     Ok(())
                 }
