@@ -247,13 +247,39 @@ impl HostBridge {
         self.pending.borrow().contains_key(&id)
     }
 
-    /// Whether request `id` has produced its response head.
-    pub fn responded(&self, id: u32) -> bool {
-        self.pending
-            .borrow()
-            .get(&id)
-            .is_some_and(|p| p.respond.is_none())
+    /// How far request `id` has got; `None` once it has finished.
+    pub fn stage(&self, id: u32) -> Option<Stage> {
+        self.pending.borrow().get(&id).map(|p| {
+            if p.respond.is_some() {
+                Stage::Handler
+            } else if p.body.is_some() {
+                Stage::Body
+            } else {
+                Stage::WaitUntil
+            }
+        })
     }
+
+    /// Forgets request `id` without waiting for it to finish (its
+    /// response is complete); returns its request id and the body resource
+    /// the caller must close, if it was pending.
+    pub fn abandon(&self, id: u32) -> Option<(RequestId, Option<deno_core::ResourceId>)> {
+        self.pending
+            .borrow_mut()
+            .remove(&id)
+            .map(|p| (p.request_id, p.body_rid))
+    }
+}
+
+/// How far a pending request has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The handler has not produced the response head yet.
+    Handler,
+    /// The head is out; the handler is still streaming the body.
+    Body,
+    /// The response is complete; `ctx.waitUntil` work is still running.
+    WaitUntil,
 }
 
 /// A request taken into the isolate, as the dispatch function receives it.

@@ -12,7 +12,7 @@ mod ops;
 pub use bridge::{
     Accepted, BodyChunks, FailureKind, FetchLimits, HandlerError, HostBridge, HostHandle,
     IncomingRequest, LogLine, LogSink, OutgoingBody, OutgoingResponse, RequestBody, RequestId,
-    accept,
+    Stage, accept,
 };
 
 deno_core::extension!(

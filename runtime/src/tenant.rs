@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use atoll_js_api::{FailureKind, HandlerError, HostBridge, IncomingRequest};
+use atoll_js_api::{FailureKind, HandlerError, HostBridge, IncomingRequest, Stage};
 use deno_core::PollEventLoopOptions;
 use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
@@ -45,6 +45,8 @@ pub(crate) struct Dispatch {
 struct InFlight {
     cpu: Duration,
     deadline: Instant,
+    /// The response is complete; `deadline` now bounds its waitUntil work.
+    answered: bool,
 }
 
 /// A request waiting for one of the isolate's concurrency slots.
@@ -461,24 +463,52 @@ async fn drive(
         let bridge = op_state.borrow::<HostBridge>();
         let now = Instant::now();
         let mut st = state.borrow_mut();
+        // Upload bodies of requests ended here, closed once `op_state` is free.
+        let mut unread_bodies = Vec::new();
         st.in_flight.retain(|id, f| {
-            if !bridge.is_pending(*id) {
+            let Some(stage) = bridge.stage(*id) else {
                 return false;
+            };
+            if stage == Stage::WaitUntil && !f.answered {
+                // The response is complete: ctx.waitUntil work gets one
+                // more wall-clock limit from now (Workers gives it 30 s).
+                f.answered = true;
+                f.deadline = now + limits.wall_per_request;
+                return true;
             }
             if now < f.deadline {
                 return true;
             }
-            if bridge.responded(*id) {
-                // Streaming or in waitUntil: only CPU limits apply now.
-                f.deadline = now + limits.wall_per_request;
-                return true;
+            match stage {
+                // A body stream runs as long as the client reads it; only
+                // CPU limits apply.
+                Stage::Body => {
+                    f.deadline = now + limits.wall_per_request;
+                    true
+                }
+                // The request ends without its waitUntil work, which
+                // would otherwise hold a concurrency slot forever.
+                Stage::WaitUntil => {
+                    if let Some((request_id, body)) = bridge.abandon(*id) {
+                        unread_bodies.extend(body);
+                        tracing::warn!(
+                            %request_id,
+                            "ctx.waitUntil() work was still running {} ms after the response; \
+                             the request ended without it",
+                            limits.wall_per_request.as_millis()
+                        );
+                    }
+                    false
+                }
+                Stage::Handler => {
+                    bridge.fail_one(
+                        *id,
+                        FailureKind::WallClockLimit,
+                        "the handler did not respond within the wall-clock limit",
+                    );
+                    false
+                }
             }
-            bridge.fail_one(
-                *id,
-                FailureKind::WallClockLimit,
-                "the handler did not respond within the wall-clock limit",
-            );
-            false
         });
         st.queue.retain_mut(|q| {
             if now < q.deadline {
@@ -492,6 +522,17 @@ async fn drive(
             }));
             false
         });
+        if !unread_bodies.is_empty() {
+            drop(op_state);
+            let op_state = isolate.js.op_state();
+            let mut op_state = op_state.borrow_mut();
+            for rid in unread_bodies {
+                // Lets the client's upload go; already gone if JS read it all.
+                if let Ok(body) = op_state.resource_table.take_any(rid) {
+                    body.close();
+                }
+            }
+        }
         if st.in_flight.len() < limits.max_concurrent && !st.queue.is_empty() {
             // Finished requests made room: admit and poll again.
             cx.waker().wake_by_ref();
@@ -518,6 +559,7 @@ fn admit(st: &mut SlotState, admitted: &mut Vec<IncomingRequest>, max_concurrent
             InFlight {
                 cpu: Duration::ZERO,
                 deadline: q.deadline,
+                answered: false,
             },
         );
         admitted.push(q.incoming);

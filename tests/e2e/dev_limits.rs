@@ -174,3 +174,55 @@ async fn background_work_after_the_response_is_bounded() {
         "a fresh isolate"
     );
 }
+
+#[tokio::test]
+async fn wait_until_work_that_never_settles_does_not_hold_its_slot() {
+    let node = Dev::start_node(&[
+        (
+            "node.toml",
+            r#"
+[[listen]]
+addr = "127.0.0.1:0"
+
+[admin]
+addr = "127.0.0.1:0"
+
+[limits]
+wall_ms = 300
+max_concurrent = 1
+max_queued = 0
+
+[[scripts]]
+name = "forgetful"
+entry = "forgetful.js"
+
+[[routes]]
+pattern = "*"
+script = "forgetful"
+"#,
+        ),
+        (
+            "forgetful.js",
+            r#"
+            export default {
+              fetch(request, env, ctx) {
+                if (new URL(request.url).pathname === "/forget") ctx.waitUntil(new Promise(() => {}));
+                return new Response("answered");
+              },
+            };
+            "#,
+        ),
+    ]);
+    let c = client();
+    let resp = c.get(node.url("/forget")).send().await.expect("request");
+    assert_eq!(resp.text().await.expect("text"), "answered");
+    // Its waitUntil work holds the only slot: the next request is refused.
+    let resp = c.get(node.url("/")).send().await.expect("request");
+    assert_eq!(resp.status(), 503);
+    // One wall-clock limit after the response the request ends without it.
+    node.wait_for_log("ctx.waitUntil() work was still running")
+        .await;
+    let resp = c.get(node.url("/")).send().await.expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.expect("text"), "answered");
+}
