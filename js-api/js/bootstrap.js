@@ -121,11 +121,12 @@ const ALGORITHM_MEMBERS = [
   "parallelism", "nonce", "secretValue", "associatedData", "length",
   "modulusLength", "publicExponent", "namedCurve", "public", "iv", "counter",
   "additionalData", "tagLength", "label", "saltLength", "context",
-  "customization", "outputLength",
+  "customization", "outputLength", "functionName", "domainSeparation",
 ];
 /** Members that set an operation's cost: converted to numbers once. */
 const COST_MEMBERS = [
   "iterations", "memory", "passes", "parallelism", "length", "modulusLength",
+  "outputLength",
 ];
 
 /** A plain, prototype-less copy of an algorithm dictionary whose members
@@ -185,7 +186,13 @@ function checkDerivation(algorithm) {
 /** `args` with every algorithm dictionary replaced by a checked snapshot;
  * throws NotSupportedError past the limits. */
 function boundedCryptoArgs(method, args) {
-  if (method === "deriveBits") {
+  if (method === "digest") {
+    // XOFs (cSHAKE, TurboSHAKE, KangarooTwelve) take an output length.
+    args[0] = algorithmSnapshot(args[0]);
+    if (typeof args[0] === "object" && args[0] !== null) {
+      checkCost(args[0].outputLength, 0, MAX_KEY_BITS, "a digest's outputLength in bits");
+    }
+  } else if (method === "deriveBits") {
     args[0] = algorithmSnapshot(args[0]);
     checkDerivation(args[0]);
     if (args[2] !== undefined && args[2] !== null) args[2] = +args[2];
@@ -207,6 +214,24 @@ function boundedCryptoArgs(method, args) {
   return args;
 }
 
+/** The CryptoKey `algorithm` getter, read before any tenant code runs. */
+const cryptoKeyAlgorithm = ObjectGetOwnPropertyDescriptor(
+  crypto.CryptoKey.prototype,
+  "algorithm",
+)?.get;
+
+/** Refuses an imported RSA key with a modulus over the limit: its
+ * operations cost grows with the cube of its size. (Public keys over
+ * 4096 bits are already refused by the host.) */
+function checkImportedKey(key) {
+  if (cryptoKeyAlgorithm === undefined) return;
+  const algorithm = ReflectApply(cryptoKeyAlgorithm, key, []);
+  if (algorithm === null || typeof algorithm !== "object" || !ObjectHasOwn(algorithm, "modulusLength")) {
+    return;
+  }
+  checkCost(algorithm.modulusLength, 0, MAX_RSA_MODULUS_BITS, "an RSA key's modulus in bits");
+}
+
 {
   const proto = crypto.SubtleCrypto.prototype;
   // Every async method: all of them may run on the blocking threads.
@@ -226,7 +251,9 @@ function boundedCryptoArgs(method, args) {
         const wait = cryptoTurn();
         if (wait !== undefined) await wait;
         try {
-          return await ReflectApply(original, this, args);
+          const result = await ReflectApply(original, this, args);
+          if (method === "importKey" || method === "unwrapKey") checkImportedKey(result);
+          return result;
         } finally {
           cryptoDone();
         }

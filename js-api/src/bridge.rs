@@ -252,9 +252,11 @@ impl HostBridge {
         self.pending.borrow().get(&id).map(|p| {
             if p.respond.is_some() {
                 Stage::Handler
-            } else if p.body.is_some() {
+            } else if p.body.as_ref().is_some_and(|b| !b.is_closed()) {
                 Stage::Body
             } else {
+                // Complete, or the client went away mid-body: what is left
+                // is the tenant's own work.
                 Stage::WaitUntil
             }
         })
@@ -278,7 +280,9 @@ pub enum Stage {
     Handler,
     /// The head is out; the handler is still streaming the body.
     Body,
-    /// The response is complete; `ctx.waitUntil` work is still running.
+    /// The response is complete, or its client went away mid-body; the
+    /// tenant's remaining work (`ctx.waitUntil`, a stream's cancellation)
+    /// is still running.
     WaitUntil,
 }
 

@@ -493,8 +493,9 @@ async fn drive(
                         unread_bodies.extend(body);
                         tracing::warn!(
                             %request_id,
-                            "ctx.waitUntil() work was still running {} ms after the response; \
-                             the request ended without it",
+                            "work left after the response (ctx.waitUntil, or a stream whose \
+                             client went away) was still running {} ms later; the request \
+                             ended without it",
                             limits.wall_per_request.as_millis()
                         );
                     }

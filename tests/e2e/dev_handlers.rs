@@ -445,6 +445,19 @@ async fn webcrypto_work_off_the_isolate_is_bounded() {
                 } finally {
                   delete Object.prototype.iterations;
                 }
+                out.hugeXof = await failure(subtle.digest({ name: "cSHAKE256", outputLength: 2 ** 32 - 8 }, enc.encode("x")));
+                // A private RSA key over the limit, as DER: only its structure
+                // is checked on import, so the integers can be dummies.
+                const der = (tag, bytes) => [tag, ...(bytes.length < 128 ? [bytes.length]
+                  : bytes.length < 256 ? [0x81, bytes.length] : [0x82, bytes.length >> 8, bytes.length & 255]), ...bytes];
+                const int = (bytes) => der(0x02, bytes);
+                const seq = (...items) => der(0x30, items.flat());
+                const one = int([1]);
+                const rsaKey = seq(int([0]), int([0, ...new Array(526).fill(0xff)]), int([1, 0, 1]), one, one, one, one, one, one);
+                const rsaOid = der(0x06, [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01]);
+                const pkcs8 = new Uint8Array(seq(int([0]), seq(rsaOid, [0x05, 0x00]), der(0x04, rsaKey)));
+                out.bigImportedRsa = await failure(subtle.importKey("pkcs8", pkcs8,
+                  { name: "RSASSA-PKCS1-v1_5", hash: "SHA-256" }, false, ["sign"]));
                 // Two operations at a time: a quick digest queued behind two
                 // slow derivations finishes after one of them.
                 const order = [];
@@ -484,6 +497,8 @@ async fn webcrypto_work_off_the_isolate_is_bounded() {
     assert_eq!(v["hugeHmacKey"], "NotSupportedError");
     assert_eq!(v["nullLength"], "resolved", "null means the default length");
     assert_eq!(v["argonMemory"], "NotSupportedError");
+    assert_eq!(v["hugeXof"], "NotSupportedError");
+    assert_eq!(v["bigImportedRsa"], "NotSupportedError");
     assert!(
         v["plantedProto"] != "resolved" && v["plantedProto"] != "hung",
         "{v}"

@@ -220,9 +220,69 @@ script = "forgetful"
     let resp = c.get(node.url("/")).send().await.expect("request");
     assert_eq!(resp.status(), 503);
     // One wall-clock limit after the response the request ends without it.
-    node.wait_for_log("ctx.waitUntil() work was still running")
-        .await;
+    node.wait_for_log("the request ended without it").await;
     let resp = c.get(node.url("/")).send().await.expect("request");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.expect("text"), "answered");
+}
+
+#[tokio::test]
+async fn a_stream_whose_client_left_does_not_hold_its_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = Dev::start_node(&[
+        (
+            "node.toml",
+            r#"
+[[listen]]
+addr = "127.0.0.1:0"
+
+[admin]
+addr = "127.0.0.1:0"
+
+[limits]
+wall_ms = 300
+max_concurrent = 1
+max_queued = 0
+
+[[scripts]]
+name = "stuck"
+entry = "stuck.js"
+
+[[routes]]
+pattern = "*"
+script = "stuck"
+"#,
+        ),
+        (
+            "stuck.js",
+            r#"
+            export default {
+              fetch(request) {
+                if (new URL(request.url).pathname !== "/stream") return new Response("answered");
+                // Chunks forever; cancelling never finishes.
+                const body = new ReadableStream({
+                  pull(c) { c.enqueue(new TextEncoder().encode("chunk;")); return new Promise((r) => setTimeout(r, 10)); },
+                  cancel() { return new Promise(() => {}); },
+                });
+                return new Response(body);
+              },
+            };
+            "#,
+        ),
+    ]);
+    let mut conn = tokio::net::TcpStream::connect(node.addr())
+        .await
+        .expect("connect");
+    conn.write_all(b"GET /stream HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .expect("write");
+    let mut first = [0u8; 64];
+    let n = conn.read(&mut first).await.expect("read");
+    assert!(n > 0 && first.starts_with(b"HTTP/1.1 200"));
+    drop(conn);
+    // Once the node notices the client is gone, the stream's leftover work
+    // gets one wall-clock limit, then the slot is free again.
+    node.wait_for_log("the request ended without it").await;
+    let resp = client().get(node.url("/")).send().await.expect("request");
+    assert_eq!(resp.status(), 200);
 }
