@@ -19,8 +19,12 @@ use std::time::Duration;
 use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 // tokio's clock: the same as std's, but one tests can pause and advance.
 use tokio::time::Instant;
+
+/// Longest wait for a client to make room for more of a response.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One connection's request activity.
 #[derive(Debug)]
@@ -31,6 +35,10 @@ pub(crate) struct HeadDeadline {
     active: AtomicU32,
     /// Nanoseconds after `opened` when the last response was handed over.
     idle_since: AtomicU64,
+    /// A write to the client is waiting for it to read.
+    write_blocked: AtomicBool,
+    /// Nanoseconds after `opened` when a write last blocked or progressed.
+    write_progress: AtomicU64,
     /// Set once the client kept the connection waiting too long.
     expired: AtomicBool,
     /// The connection's task, woken when `expired` is set.
@@ -44,6 +52,8 @@ impl HeadDeadline {
             opened: Instant::now(),
             active: AtomicU32::new(0),
             idle_since: AtomicU64::new(0),
+            write_blocked: AtomicBool::new(false),
+            write_progress: AtomicU64::new(0),
             expired: AtomicBool::new(false),
             connection: AtomicWaker::new(),
         })
@@ -95,9 +105,18 @@ impl HeadDeadline {
                 wake = now + limit;
                 continue;
             }
-            let idle_since =
-                self.opened + Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
-            let due = idle_since + limit;
+            let since =
+                |at: &AtomicU64| self.opened + Duration::from_nanos(at.load(Ordering::Acquire));
+            let write_progress = since(&self.write_progress);
+            // A response hyper already took may still be on its way to a
+            // slow reader. The kernel reports room in the socket only now
+            // and then, so that wait gets its own, longer limit from the
+            // last progress (as nginx's send_timeout).
+            let due = if self.write_blocked.load(Ordering::Acquire) {
+                write_progress + limit.max(SEND_TIMEOUT)
+            } else {
+                since(&self.idle_since).max(write_progress) + limit
+            };
             if due <= now {
                 self.expired.store(true, Ordering::Release);
                 self.connection.wake();
@@ -105,6 +124,100 @@ impl HeadDeadline {
             }
             wake = due;
         }
+    }
+}
+
+/// The now, as nanoseconds after `opened`.
+fn nanos_since(opened: Instant) -> u64 {
+    u64::try_from(opened.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A connection's socket that tells its deadline when writes to the client
+/// block and when they progress again. Writes that complete at once (the
+/// usual case) cost a branch.
+pub(crate) struct WriteProgress<I> {
+    io: I,
+    deadline: Arc<HeadDeadline>,
+    blocked: bool,
+}
+
+impl<I> WriteProgress<I> {
+    /// `io`, reporting to `deadline`.
+    pub(crate) fn new(io: I, deadline: Arc<HeadDeadline>) -> WriteProgress<I> {
+        WriteProgress {
+            io,
+            deadline,
+            blocked: false,
+        }
+    }
+
+    fn note<T>(&mut self, result: &Poll<std::io::Result<T>>) {
+        match result {
+            Poll::Pending if !self.blocked => {
+                self.blocked = true;
+                let d = &self.deadline;
+                d.write_progress
+                    .store(nanos_since(d.opened), Ordering::Release);
+                d.write_blocked.store(true, Ordering::Release);
+            }
+            Poll::Ready(Ok(_)) if self.blocked => {
+                self.blocked = false;
+                let d = &self.deadline;
+                d.write_progress
+                    .store(nanos_since(d.opened), Ordering::Release);
+                d.write_blocked.store(false, Ordering::Release);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteProgress<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteProgress<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.note(&result);
+        result
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.note(&result);
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.io).poll_flush(cx);
+        this.note(&result);
+        result
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -124,7 +237,7 @@ pub(crate) struct ActiveRequest(Arc<HeadDeadline>);
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
         let state = &self.0;
-        let since = u64::try_from(state.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let since = nanos_since(state.opened);
         // Stored before the count drops, so a check that sees no active
         // request also sees when the last one ended.
         state.idle_since.store(since, Ordering::Release);
@@ -134,7 +247,8 @@ impl Drop for ActiveRequest {
 
 /// A response body that keeps its request active until hyper drops it,
 /// which it does once it has taken the last chunk (that chunk may still
-/// wait in hyper's write buffer) or the connection failed.
+/// wait in hyper's write buffer: `WriteProgress` covers that part) or the
+/// connection failed.
 pub(crate) struct TrackedBody<B> {
     inner: B,
     _active: ActiveRequest,

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::body::{ResponseBody, full, request_body, response_body};
-use crate::head_deadline::{HeadDeadline, TrackedBody};
+use crate::head_deadline::{HeadDeadline, TrackedBody, WriteProgress};
 use crate::routes::Routes;
 
 /// Limits the server applies before a request reaches a tenant.
@@ -430,10 +430,12 @@ impl Protocols {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let io = TokioIo::new(io);
         if h2 {
-            watcher.watch(self.h2.serve_connection(io, service)).await
+            watcher
+                .watch(self.h2.serve_connection(TokioIo::new(io), service))
+                .await
         } else {
+            let io = TokioIo::new(WriteProgress::new(io, deadline.clone()));
             let connection = watcher.watch(self.h1.serve_connection(io, service));
             match deadline.serve(connection, self.head_timeout).await {
                 Some(served) => served,

@@ -427,3 +427,76 @@ script = "slow"
         "{answer}"
     );
 }
+
+#[tokio::test]
+async fn a_slow_reader_gets_a_whole_large_response_past_the_head_timeout() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // More than the kernel buffers on both ends hold: hyper's writes block.
+    const SIZE: usize = 8 * 1024 * 1024;
+    let node = Dev::start_node(&[
+        (
+            "node.toml",
+            r#"
+[[listen]]
+addr = "127.0.0.1:0"
+
+[admin]
+addr = "127.0.0.1:0"
+
+[limits]
+head_timeout_ms = 300
+
+[[scripts]]
+name = "big"
+entry = "big.js"
+
+[[routes]]
+pattern = "*"
+script = "big"
+"#,
+        ),
+        (
+            "big.js",
+            &format!(
+                "const body = new Uint8Array({SIZE}).fill(120);\nexport default {{ fetch() {{ return new Response(body); }} }};\n"
+            ),
+        ),
+    ]);
+    // A small receive buffer: the node's writes block on this reader.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(64 * 1024).expect("rcvbuf");
+    let mut conn = socket.connect(node.addr()).await.expect("connect");
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .expect("write");
+    // Well over a second for the whole body, several head timeouts.
+    let mut head = Vec::new();
+    let mut body_bytes = 0usize;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while body_bytes < SIZE {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+            .await
+            .expect("the node stopped sending")
+            .expect("read");
+        if n == 0 {
+            break; // closed early
+        }
+        if body_bytes == 0 && !head.ends_with(b"\r\n\r\n") {
+            head.extend_from_slice(&chunk[..n]);
+            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                body_bytes = head.len() - end - 4;
+                head.truncate(end + 4);
+            }
+        } else {
+            body_bytes += n;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+    assert_eq!(body_bytes, SIZE, "the body was cut: {}", node.log());
+}
