@@ -513,13 +513,9 @@ async fn webcrypto_work_off_the_isolate_is_bounded() {
     assert_eq!(v["order"].as_array().map(Vec::len), Some(3), "{v}");
     use sha2::Digest;
     let expected: Vec<String> = (0..8)
-        .map(|i| hex(&sha2::Sha256::digest(i.to_string().as_bytes())[..4]))
+        .map(|i| hex::encode(&sha2::Sha256::digest(i.to_string().as_bytes())[..4]))
         .collect();
     assert_eq!(v["digests"], serde_json::json!(expected));
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// PBKDF2-HMAC-SHA256 with one 32-byte block, written out from RFC 8018.
@@ -551,5 +547,5 @@ fn pbkdf2_sha256_hex(password: &[u8], salt: &[u8], iterations: u32) -> String {
             *a ^= b;
         }
     }
-    hex(&t)
+    hex::encode(t)
 }

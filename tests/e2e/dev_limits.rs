@@ -3,7 +3,11 @@
 
 use std::time::Duration;
 
-use crate::harness::{Dev, client, get_text};
+use crate::harness::{Dev, client, get_text, single_script_config};
+
+/// One request at a time, none waiting, a short wall clock: a request that
+/// lingers shows as a 503 for the next one.
+const ONE_SLOT: &str = "wall_ms = 300\nmax_concurrent = 1\nmax_queued = 0";
 
 const HANDLER: &str = r#"
 let served = 0;
@@ -178,29 +182,7 @@ async fn background_work_after_the_response_is_bounded() {
 #[tokio::test]
 async fn wait_until_work_that_never_settles_does_not_hold_its_slot() {
     let node = Dev::start_node(&[
-        (
-            "node.toml",
-            r#"
-[[listen]]
-addr = "127.0.0.1:0"
-
-[admin]
-addr = "127.0.0.1:0"
-
-[limits]
-wall_ms = 300
-max_concurrent = 1
-max_queued = 0
-
-[[scripts]]
-name = "forgetful"
-entry = "forgetful.js"
-
-[[routes]]
-pattern = "*"
-script = "forgetful"
-"#,
-        ),
+        ("node.toml", &single_script_config(ONE_SLOT, "forgetful.js")),
         (
             "forgetful.js",
             r#"
@@ -230,29 +212,7 @@ script = "forgetful"
 async fn a_stream_whose_client_left_does_not_hold_its_slot() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let node = Dev::start_node(&[
-        (
-            "node.toml",
-            r#"
-[[listen]]
-addr = "127.0.0.1:0"
-
-[admin]
-addr = "127.0.0.1:0"
-
-[limits]
-wall_ms = 300
-max_concurrent = 1
-max_queued = 0
-
-[[scripts]]
-name = "stuck"
-entry = "stuck.js"
-
-[[routes]]
-pattern = "*"
-script = "stuck"
-"#,
-        ),
+        ("node.toml", &single_script_config(ONE_SLOT, "stuck.js")),
         (
             "stuck.js",
             r#"

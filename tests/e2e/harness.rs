@@ -224,6 +224,31 @@ fn pump(
 }
 
 /// Writes `files` and runs `atoll ARGS…` to completion.
+/// A node.toml that serves `entry` for every host on an ephemeral port,
+/// with `limits` as the body of its `[limits]` table.
+pub fn single_script_config(limits: &str, entry: &str) -> String {
+    format!(
+        r#"
+[[listen]]
+addr = "127.0.0.1:0"
+
+[admin]
+addr = "127.0.0.1:0"
+
+[limits]
+{limits}
+
+[[scripts]]
+name = "only"
+entry = "{entry}"
+
+[[routes]]
+pattern = "*"
+script = "only"
+"#
+    )
+}
+
 pub fn run_to_exit(files: Files<'_>, args: &[&str]) -> std::process::Output {
     let dir = tempfile::tempdir().expect("tempdir");
     for (name, text) in files {

@@ -1,6 +1,6 @@
 //! `atoll node --config`: a node built from its config file.
 
-use crate::harness::{Dev, ca_and_leaf, client, get_text, run_to_exit};
+use crate::harness::{Dev, ca_and_leaf, client, get_text, run_to_exit, single_script_config};
 
 const CONFIG: &str = r#"
 [node]
@@ -366,24 +366,7 @@ async fn slow_and_idle_http1_clients_are_dropped_after_the_head_timeout() {
     let node = Dev::start_node(&[
         (
             "node.toml",
-            r#"
-[[listen]]
-addr = "127.0.0.1:0"
-
-[admin]
-addr = "127.0.0.1:0"
-
-[limits]
-head_timeout_ms = 300
-
-[[scripts]]
-name = "slow"
-entry = "slow.js"
-
-[[routes]]
-pattern = "*"
-script = "slow"
-"#,
+            &single_script_config("head_timeout_ms = 300", "slow.js"),
         ),
         (
             "slow.js",
@@ -437,24 +420,7 @@ async fn a_slow_reader_gets_a_whole_large_response_past_the_head_timeout() {
     let node = Dev::start_node(&[
         (
             "node.toml",
-            r#"
-[[listen]]
-addr = "127.0.0.1:0"
-
-[admin]
-addr = "127.0.0.1:0"
-
-[limits]
-head_timeout_ms = 300
-
-[[scripts]]
-name = "big"
-entry = "big.js"
-
-[[routes]]
-pattern = "*"
-script = "big"
-"#,
+            &single_script_config("head_timeout_ms = 300", "big.js"),
         ),
         (
             "big.js",
