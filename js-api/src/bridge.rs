@@ -241,12 +241,6 @@ impl HostBridge {
         had_head
     }
 
-    /// Whether request `id` is still running: taken into the isolate, and
-    /// its handler or a `ctx.waitUntil` promise not yet settled.
-    pub fn is_pending(&self, id: u32) -> bool {
-        self.pending.borrow().contains_key(&id)
-    }
-
     /// How far request `id` has got; `None` once it has finished.
     pub fn stage(&self, id: u32) -> Option<Stage> {
         self.pending.borrow().get(&id).map(|p| {
