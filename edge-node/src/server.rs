@@ -13,10 +13,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tracing::Instrument;
 
 use crate::body::{ResponseBody, full, request_body, response_body};
-use crate::head_deadline::{HeadDeadline, TrackedBody, WriteProgress};
+use crate::head_deadline::{ActiveRequest, HeadDeadline, TrackedBody, WriteProgress};
 use crate::routes::Routes;
 
 /// Limits the server applies before a request reaches a tenant.
@@ -141,15 +140,11 @@ impl EdgeNode {
             let deadline = HeadDeadline::new();
             let conn_deadline = deadline.clone();
             let service = service_fn(move |req| {
-                let node = node.clone();
                 let active = deadline.request_started();
-                // Boxed: hyper moves the service future around, and the
-                // request's whole state machine is large to copy.
-                let handling = Box::pin(async move {
-                    let resp = node.handle(req, peer, scheme).await;
-                    resp.map(|body| TrackedBody::new(body, active))
-                });
-                async move { Ok::<_, Infallible>(handling.await) }
+                Served {
+                    handling: node.handle(req, peer, scheme),
+                    active: Some(active),
+                }
             });
             let watcher = graceful.watcher();
             let protocols = protocols.clone();
@@ -229,13 +224,29 @@ impl EdgeNode {
         Ok(())
     }
 
-    /// Handles one request end to end.
-    pub async fn handle(
-        &self,
+    /// Handles one request: routes it and hands it to its tenant's isolate
+    /// now; the returned future waits for the answer. Doing the first part
+    /// before returning keeps the future hyper holds (and moves) per request
+    /// small: it carries only what the answer needs.
+    pub fn handle(
+        self: &Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
         scheme: &'static str,
-    ) -> Response<ResponseBody> {
+    ) -> Handling {
+        match self.start(req, peer, scheme) {
+            Started::Answered(resp) => Handling::Answered(Some(resp)),
+            Started::Dispatched(ctx, answer) => Handling::Dispatched {
+                node: self.clone(),
+                ctx: Some(ctx),
+                answer,
+            },
+        }
+    }
+
+    /// Routes `req` and hands it to its tenant's isolate, or answers it
+    /// at once (bad host, no route, body too large).
+    fn start(&self, req: Request<Incoming>, peer: SocketAddr, scheme: &'static str) -> Started {
         let started = Instant::now();
         let request_id = new_request_id();
         let (parts, body) = req.into_parts();
@@ -254,22 +265,22 @@ impl EdgeNode {
         // The host becomes part of the URL the handler parses and selects
         // the route: it must be a plain authority.
         let Some(host) = host.filter(|h| is_plain_authority(h)) else {
-            return plain(
+            return Started::Answered(plain(
                 StatusCode::BAD_REQUEST,
                 &request_id,
                 "the Host header is not a valid host name\n".to_string(),
-            );
+            ));
         };
 
         let routes = self.routes.load();
         let Some(deployment) = routes.lookup(host, path).cloned() else {
             tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, status = 404, "no route");
             self.metrics.unrouted();
-            return plain(
+            return Started::Answered(plain(
                 StatusCode::NOT_FOUND,
                 &request_id,
                 format!("no worker is routed for host {host} and path {path}\n"),
-            );
+            ));
         };
         drop(routes);
 
@@ -279,14 +290,14 @@ impl EdgeNode {
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
             tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, status = 413, "body too large");
-            return plain(
+            return Started::Answered(plain(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &request_id,
                 format!(
                     "the request body is larger than the limit of {} bytes\n",
                     self.limits.max_body_bytes
                 ),
-            );
+            ));
         }
 
         let span = tracing::info_span!(
@@ -296,73 +307,182 @@ impl EdgeNode {
             deployment = %deployment.version
         );
         let url = [scheme, "://", host, path].concat();
-        async move {
-            let request = HttpRequest {
+        let request = HttpRequest {
+            request_id,
+            method: method.clone(),
+            url,
+            headers,
+            body: request_body(body, self.limits.max_body_bytes),
+        };
+        // A cold start may log (pool misses, evictions): under this request.
+        let answer = span.in_scope(|| self.runtime.dispatch(deployment.clone(), request));
+        Started::Dispatched(
+            RequestContext {
+                started,
                 request_id,
-                method: method.clone(),
-                url,
-                headers,
-                body: request_body(body, self.limits.max_body_bytes),
-            };
-            let result = self.runtime.dispatch(deployment.clone(), request).await;
-            let elapsed = started.elapsed();
-            let status = match &result {
-                Ok(r) => r.status,
-                Err(e) => e.status(),
-            };
-            self.metrics.request(&deployment.tenant, status, elapsed);
-            if let Err(DispatchError::Limit(kind, _)) = &result {
-                self.metrics.limit_termination(
-                    &deployment.tenant,
-                    match kind {
-                        LimitKind::Cpu => "cpu",
-                        LimitKind::Memory => "memory",
-                        LimitKind::WallClock => "wall_clock",
-                        LimitKind::Concurrency => "concurrency",
-                    },
+                method,
+                uri,
+                peer,
+                deployment,
+                span,
+            },
+            answer,
+        )
+    }
+
+    /// Records and logs the outcome of a dispatched request and turns it
+    /// into the client's response.
+    fn finish(
+        &self,
+        ctx: RequestContext,
+        result: Result<atoll_runtime::OutgoingResponse, DispatchError>,
+    ) -> Response<ResponseBody> {
+        let RequestContext {
+            started,
+            request_id,
+            method,
+            uri,
+            peer,
+            deployment,
+            span,
+        } = ctx;
+        let _entered = span.enter();
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let elapsed = started.elapsed();
+        let status = match &result {
+            Ok(r) => r.status,
+            Err(e) => e.status(),
+        };
+        self.metrics.request(&deployment.tenant, status, elapsed);
+        if let Err(DispatchError::Limit(kind, _)) = &result {
+            self.metrics.limit_termination(
+                &deployment.tenant,
+                match kind {
+                    LimitKind::Cpu => "cpu",
+                    LimitKind::Memory => "memory",
+                    LimitKind::WallClock => "wall_clock",
+                    LimitKind::Concurrency => "concurrency",
+                },
+            );
+        }
+        match result {
+            Ok(resp) => {
+                let status = resp.status;
+                tracing::info!(
+                    target: "atoll::request",
+                    %peer,
+                    "{method} {path} {status} {:.1}ms",
+                    elapsed.as_secs_f64() * 1e3
                 );
+                build_response(resp, &request_id)
             }
-            match result {
-                Ok(resp) => {
-                    let status = resp.status;
-                    tracing::info!(
+            Err(e) => {
+                let status = e.status();
+                match &e {
+                    DispatchError::Limit(..) => tracing::warn!(
                         target: "atoll::request",
-                        %peer,
-                        "{method} {path} {status} {:.1}ms",
+                        "{method} {path} {status} {:.1}ms: {e}",
                         elapsed.as_secs_f64() * 1e3
-                    );
-                    build_response(resp, &request_id)
+                    ),
+                    _ => tracing::error!(
+                        target: "atoll::request",
+                        "{method} {path} {status} {:.1}ms: {e}",
+                        elapsed.as_secs_f64() * 1e3
+                    ),
                 }
-                Err(e) => {
-                    let status = e.status();
-                    match &e {
-                        DispatchError::Limit(..) => tracing::warn!(
-                            target: "atoll::request",
-                            "{method} {path} {status} {:.1}ms: {e}",
-                            elapsed.as_secs_f64() * 1e3
-                        ),
-                        _ => tracing::error!(
-                            target: "atoll::request",
-                            "{method} {path} {status} {:.1}ms: {e}",
-                            elapsed.as_secs_f64() * 1e3
-                        ),
-                    }
-                    let mut resp = plain(
-                        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                        &request_id,
-                        format!("{} (request id {request_id})\n", e.public_message()),
-                    );
-                    if matches!(e, DispatchError::Limit(LimitKind::Concurrency, _)) {
-                        resp.headers_mut()
-                            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    }
-                    resp
+                let mut resp = plain(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    &request_id,
+                    format!("{} (request id {request_id})\n", e.public_message()),
+                );
+                if matches!(e, DispatchError::Limit(LimitKind::Concurrency, _)) {
+                    resp.headers_mut()
+                        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
                 }
+                resp
             }
         }
-        .instrument(span)
-        .await
     }
+}
+
+/// How [`EdgeNode::start`] left a request.
+enum Started {
+    /// Answered without a tenant.
+    Answered(Response<ResponseBody>),
+    /// Handed to a tenant's isolate; the answer comes later.
+    Dispatched(RequestContext, atoll_runtime::Answer),
+}
+
+/// A request being handled (see [`EdgeNode::handle`]); resolves to the
+/// client's response.
+pub enum Handling {
+    /// Answered without a tenant.
+    Answered(Option<Response<ResponseBody>>),
+    /// Waiting for the tenant's isolate.
+    Dispatched {
+        /// The node, for metrics and logs once the answer arrives.
+        node: Arc<EdgeNode>,
+        /// Taken when the answer arrives.
+        ctx: Option<RequestContext>,
+        /// The isolate's answer.
+        answer: atoll_runtime::Answer,
+    },
+}
+
+impl Future for Handling {
+    type Output = Response<ResponseBody>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        match &mut *self {
+            Handling::Answered(resp) => {
+                Poll::Ready(resp.take().expect("Handling polled after completion"))
+            }
+            Handling::Dispatched { node, ctx, answer } => {
+                let Poll::Ready(result) = std::pin::Pin::new(answer).poll(cx) else {
+                    return Poll::Pending;
+                };
+                let ctx = ctx.take().expect("Handling polled after completion");
+                Poll::Ready(node.finish(ctx, result))
+            }
+        }
+    }
+}
+
+/// hyper's service future: a request's [`Handling`], whose response body
+/// keeps the connection's request active until hyper has sent it.
+struct Served {
+    handling: Handling,
+    active: Option<ActiveRequest>,
+}
+
+impl Future for Served {
+    type Output = Result<Response<TrackedBody<ResponseBody>>, Infallible>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let std::task::Poll::Ready(resp) = std::pin::Pin::new(&mut self.handling).poll(cx) else {
+            return std::task::Poll::Pending;
+        };
+        let active = self.active.take().expect("Served polled after completion");
+        std::task::Poll::Ready(Ok(resp.map(|body| TrackedBody::new(body, active))))
+    }
+}
+
+/// What logging and metrics need of a request once its answer arrives.
+pub struct RequestContext {
+    started: Instant,
+    request_id: RequestId,
+    method: http::Method,
+    uri: http::Uri,
+    peer: SocketAddr,
+    deployment: Arc<atoll_runtime::Deployment>,
+    span: tracing::Span,
 }
 
 /// hyper's HTTP/1 and HTTP/2 servers, configured from the node's limits.

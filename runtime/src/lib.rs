@@ -126,6 +126,81 @@ impl DispatchError {
     }
 }
 
+/// The response head of a dispatched request, once the isolate produces it
+/// (see [`Runtime::dispatch`]).
+pub struct Answer {
+    state: AnswerState,
+}
+
+enum AnswerState {
+    Waiting {
+        rx: oneshot::Receiver<Result<OutgoingResponse, atoll_js_api::HandlerError>>,
+        backstop: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+        wall: std::time::Duration,
+    },
+    Failed(&'static str),
+    Done,
+}
+
+impl Answer {
+    fn failed(why: &'static str) -> Answer {
+        Answer {
+            state: AnswerState::Failed(why),
+        }
+    }
+}
+
+impl Future for Answer {
+    type Output = Result<OutgoingResponse, DispatchError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let outcome = match &mut self.state {
+            AnswerState::Waiting { rx, backstop, wall } => match std::pin::Pin::new(rx).poll(cx) {
+                Poll::Ready(Ok(outcome)) => outcome.map_err(failure),
+                Poll::Ready(Err(_)) => Err(DispatchError::Unavailable(
+                    "the isolate stopped before answering".into(),
+                )),
+                Poll::Pending => {
+                    let expired = backstop
+                        .as_mut()
+                        .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+                    if !expired {
+                        return Poll::Pending;
+                    }
+                    Err(DispatchError::Limit(
+                        LimitKind::WallClock,
+                        format!("no response within {} ms", wall.as_millis()),
+                    ))
+                }
+            },
+            AnswerState::Failed(why) => Err(DispatchError::Unavailable((*why).into())),
+            // A caller bug (polled after completion): no response, no panic.
+            AnswerState::Done => Err(DispatchError::Unavailable(
+                "the answer was already taken".into(),
+            )),
+        };
+        self.state = AnswerState::Done;
+        Poll::Ready(outcome)
+    }
+}
+
+/// The dispatch error for a handler's failure.
+fn failure(e: atoll_js_api::HandlerError) -> DispatchError {
+    match e.kind {
+        FailureKind::Exception => DispatchError::Exception(e.detail),
+        FailureKind::Startup => DispatchError::Startup(e.detail),
+        FailureKind::CpuLimit => DispatchError::Limit(LimitKind::Cpu, e.detail),
+        FailureKind::MemoryLimit => DispatchError::Limit(LimitKind::Memory, e.detail),
+        FailureKind::WallClockLimit => DispatchError::Limit(LimitKind::WallClock, e.detail),
+        FailureKind::Unavailable => DispatchError::Unavailable(e.detail),
+        FailureKind::Overloaded => DispatchError::Limit(LimitKind::Concurrency, e.detail),
+    }
+}
+
 /// Failed to start the runtime.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -253,57 +328,33 @@ impl Runtime {
         let _ = self.workers[index].send(msg);
     }
 
-    /// Runs `request` in `deployment`'s isolate and waits for the response head.
-    pub async fn dispatch(
-        &self,
-        deployment: Arc<Deployment>,
-        request: HttpRequest,
-    ) -> Result<OutgoingResponse, DispatchError> {
+    /// Runs `request` in `deployment`'s isolate; the returned future
+    /// resolves to the response head. The request is handed over before
+    /// this returns, so the future is small and holds only the answer's
+    /// receiver (moving it around costs little).
+    pub fn dispatch(&self, deployment: Arc<Deployment>, request: HttpRequest) -> Answer {
         let (tx, rx) = oneshot::channel();
+        let wall = deployment.limits.wall_per_request;
+        let home = self.home_of(&deployment.tenant);
         let msg = WorkerMsg::Dispatch {
-            deployment: deployment.clone(),
+            deployment,
             dispatch: Dispatch {
                 request,
                 respond: tx,
             },
         };
-        let local = match self.deliver(self.home_of(&deployment.tenant), msg) {
+        let local = match self.deliver(home, msg) {
             Ok(local) => local,
-            Err(()) => return Err(DispatchError::Unavailable("the runtime has stopped".into())),
+            Err(()) => return Answer::failed("the runtime has stopped"),
         };
         // The isolate's task fails requests past the wall clock, queued or
         // running. Across threads, this bound is the backstop should the
         // isolate's thread be stuck; on that same thread it could not fire
         // either, so it would only cost a timer per request.
-        let wall = deployment.limits.wall_per_request;
-        let answered = if local {
-            Ok(rx.await)
-        } else {
-            tokio::time::timeout(wall + wall / 10, rx).await
-        };
-        let outcome = match answered {
-            Err(_) => {
-                return Err(DispatchError::Limit(
-                    LimitKind::WallClock,
-                    format!("no response within {} ms", wall.as_millis()),
-                ));
-            }
-            Ok(Err(_)) => {
-                return Err(DispatchError::Unavailable(
-                    "the isolate stopped before answering".into(),
-                ));
-            }
-            Ok(Ok(outcome)) => outcome,
-        };
-        outcome.map_err(|e| match e.kind {
-            FailureKind::Exception => DispatchError::Exception(e.detail),
-            FailureKind::Startup => DispatchError::Startup(e.detail),
-            FailureKind::CpuLimit => DispatchError::Limit(LimitKind::Cpu, e.detail),
-            FailureKind::MemoryLimit => DispatchError::Limit(LimitKind::Memory, e.detail),
-            FailureKind::WallClockLimit => DispatchError::Limit(LimitKind::WallClock, e.detail),
-            FailureKind::Unavailable => DispatchError::Unavailable(e.detail),
-            FailureKind::Overloaded => DispatchError::Limit(LimitKind::Concurrency, e.detail),
-        })
+        let backstop = (!local).then(|| Box::pin(tokio::time::sleep(wall + wall / 10)));
+        Answer {
+            state: AnswerState::Waiting { rx, backstop, wall },
+        }
     }
 
     /// Starts `deployment`'s isolate ahead of its first request (a no-op if
