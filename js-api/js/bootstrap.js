@@ -16,6 +16,7 @@ import {
   op_atoll_respond_error,
   op_atoll_respond_stream,
   op_atoll_respond_text,
+  op_atoll_respond_text_typed,
 } from "ext:core/ops";
 
 const {
@@ -661,6 +662,27 @@ async function streamBody(id, stream) {
 const EMPTY = new Uint8Array(0);
 
 /**
+ * Content types the host keeps ready-made, in the order of header_list.rs's
+ * COMMON_VALUES: a response whose only header is one of them passes its
+ * index instead of two strings.
+ */
+const COMMON_CONTENT_TYPES = [
+  "text/plain;charset=UTF-8",
+  "application/json",
+  "text/html;charset=UTF-8",
+  "text/html; charset=utf-8",
+];
+
+/** The index of `name: value` in COMMON_CONTENT_TYPES, or -1. */
+function commonContentType(name, value) {
+  if (name !== "Content-Type" && name !== "content-type") return -1;
+  for (let i = 0; i < COMMON_CONTENT_TYPES.length; i++) {
+    if (value === COMMON_CONTENT_TYPES[i]) return i;
+  }
+  return -1;
+}
+
+/**
  * The rest of a header list from entry `from` on, as the respond ops take
  * it: "name\0value\0name\0value". The host reads one string instead of
  * walking arrays, and whatever accessors a tenant planted on the list run
@@ -726,7 +748,12 @@ function sendResponse(id, resp, ctx = null) {
     if (src.consumed) throw new TypeError("the response body was already used");
     src.consumed = true;
     if (typeof src.body === "string") {
-      op_atoll_respond_text(id, status, name, value, rest, src.body, done);
+      const typed = rest === "" ? commonContentType(name, value) : -1;
+      if (typed >= 0) {
+        op_atoll_respond_text_typed(id, status, typed, src.body, done);
+      } else {
+        op_atoll_respond_text(id, status, name, value, rest, src.body, done);
+      }
     } else {
       op_atoll_respond(id, status, name, value, rest, src.body, done);
     }

@@ -69,12 +69,26 @@ pub(crate) fn from_parts(name: &str, value: &str, rest: &str) -> Result<HeaderMa
 
 /// Content types that `Response` sets itself (text, JSON) and that handlers
 /// often set: shared instead of copied into a new buffer for each response.
+/// bootstrap.js's `COMMON_CONTENT_TYPES` lists them in this order.
 const COMMON_VALUES: [&str; 4] = [
     "text/plain;charset=UTF-8",
     "application/json",
     "text/html;charset=UTF-8",
     "text/html; charset=utf-8",
 ];
+
+/// The header map of a response whose only header is the content type
+/// `COMMON_VALUES[index]`: what `new Response("text")` and
+/// `Response.json(...)` produce, passed as a number instead of two strings.
+pub(crate) fn common_content_type(index: u32) -> Result<HeaderMap, JsErrorBox> {
+    let value = usize::try_from(index)
+        .ok()
+        .and_then(|i| COMMON_VALUES.get(i))
+        .ok_or_else(|| JsErrorBox::type_error("unknown common content type"))?;
+    let mut headers = HeaderMap::with_capacity(1);
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(value));
+    Ok(headers)
+}
 
 fn header_value(value: &[u8]) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
     match COMMON_VALUES.iter().find(|c| c.as_bytes() == value) {
@@ -130,6 +144,16 @@ mod tests {
         let h = from_parts("x-l", "caf\u{e9}", "x-m\0\u{ff}").expect("latin-1");
         assert_eq!(h["x-l"].as_bytes(), b"caf\xe9");
         assert_eq!(h["x-m"].as_bytes(), b"\xff");
+    }
+
+    #[test]
+    fn common_content_types_match_their_list() {
+        for (i, value) in COMMON_VALUES.iter().enumerate() {
+            let h = common_content_type(i as u32).expect("listed");
+            assert_eq!(h.len(), 1);
+            assert_eq!(h["content-type"], *value);
+        }
+        assert!(common_content_type(COMMON_VALUES.len() as u32).is_err());
     }
 
     #[test]

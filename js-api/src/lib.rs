@@ -22,6 +22,7 @@ deno_core::extension!(
         ops::op_atoll_request_headers,
         ops::op_atoll_respond,
         ops::op_atoll_respond_text,
+        ops::op_atoll_respond_text_typed,
         ops::op_atoll_respond_stream,
         ops::op_atoll_body_write,
         ops::op_atoll_body_close,

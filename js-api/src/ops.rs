@@ -172,6 +172,25 @@ pub fn op_atoll_respond_text(
     Ok(())
 }
 
+/// Answers request `id` with a text body whose only header is a common
+/// content type (`header_list::common_content_type`): the usual
+/// `new Response("...")`, without passing the header as strings.
+/// `done` as for [`op_atoll_respond`].
+#[op2(fast)]
+pub fn op_atoll_respond_text_typed(
+    state: &mut OpState,
+    id: u32,
+    #[smi] status: u16,
+    #[smi] content_type: u32,
+    #[string] body: &str,
+    done: bool,
+) -> Result<(), JsErrorBox> {
+    let headers = header_list::common_content_type(content_type)?;
+    let body = Bytes::copy_from_slice(body.as_bytes());
+    respond_full(state, id, status, headers, body, done);
+    Ok(())
+}
+
 /// Sends request `id`'s response head with a body known in full; with
 /// `done`, finishes the request too.
 fn respond_full(
