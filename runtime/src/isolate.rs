@@ -100,8 +100,23 @@ impl Isolate {
                     let f = v8::Local::<v8::Function>::try_from(f).ok()?;
                     Some(v8::Global::new(scope, f))
                 };
+                let methods = COMMON_METHODS
+                    .iter()
+                    .filter_map(|m| {
+                        let s = v8::String::new_from_one_byte(
+                            scope,
+                            m.as_str().as_bytes(),
+                            v8::NewStringType::Internalized,
+                        )?;
+                        Some((m.clone(), v8::Global::new(scope, s)))
+                    })
+                    .collect();
                 match (function(0), function(1)) {
-                    (Some(boot), Some(dispatch)) => Some(EntryPoints { boot, dispatch }),
+                    (Some(boot), Some(dispatch)) => Some(EntryPoints {
+                        boot,
+                        dispatch,
+                        methods,
+                    }),
                     _ => {
                         tracing::error!("preparing an isolate returned no entry points");
                         None
@@ -148,39 +163,95 @@ impl Isolate {
         }
     }
 
-    /// Starts `req` in the tenant's handler: a direct call into JS, which
-    /// runs until the handler first awaits. Call inside [`Isolate::run`],
-    /// with the CPU watchdog armed; the caller polls the event loop next.
-    pub(crate) fn deliver(&mut self, req: IncomingRequest) {
-        let accepted = {
-            let state = self.js.op_state();
-            let mut state = state.borrow_mut();
-            atoll_js_api::accept(&mut state, req)
+    /// Starts each of `reqs` in the tenant's handler, in order: direct
+    /// calls into JS, each running until its handler first awaits. All
+    /// share one V8 scope. Stops once `stopped()` says a limit ended a
+    /// handler; the requests left are dropped (their clients hear the
+    /// isolate ended). Call inside [`Isolate::run`], with the CPU watchdog
+    /// armed; the caller polls the event loop next.
+    pub(crate) fn deliver_all(
+        &mut self,
+        reqs: &mut Vec<IncomingRequest>,
+        stopped: &dyn Fn() -> bool,
+    ) {
+        let op_state = self.js.op_state();
+        let Some(entry_points) = &self.entry_points else {
+            for req in reqs.drain(..) {
+                // Only a bug in the runtime's own JS gets here.
+                let _ = req.respond.send(Err(atoll_js_api::HandlerError {
+                    kind: FailureKind::Exception,
+                    detail: "the request could not be dispatched: the isolate was not prepared"
+                        .into(),
+                }));
+            }
+            return;
         };
-        let id = accepted.id;
-        let failure = self
-            .call_entry(
-                |e| &e.dispatch,
-                [
-                    Arg::U32(id),
-                    Arg::Str(accepted.method.as_str()),
-                    Arg::Str(&accepted.url),
-                    accepted.body_rid.map_or(Arg::Null, Arg::U32),
-                ],
-            )
-            .err()
-            .map(|e| format!("the request could not be dispatched: {e}"));
-        if let Some(detail) = failure {
-            let state = self.js.op_state();
-            let mut state = state.borrow_mut();
-            state
-                .borrow::<HostBridge>()
-                .fail_one(id, FailureKind::Exception, &detail);
-            // Nobody will read the body: let the client's upload go.
-            if let Some(rid) = accepted.body_rid
-                && let Ok(body) = state.resource_table.take_any(rid)
-            {
-                body.close();
+        let context = self.js.main_context();
+        let isolate = &mut *self.js.v8_isolate();
+        v8::scope!(let scope, isolate);
+        let context = v8::Local::new(scope, context);
+        let scope = &mut v8::ContextScope::new(scope, context);
+        let dispatch = v8::Local::new(scope, &entry_points.dispatch);
+        let methods = &entry_points.methods;
+        for req in reqs.drain(..) {
+            if stopped() {
+                break;
+            }
+            let accepted = atoll_js_api::accept(&mut op_state.borrow_mut(), req);
+            let id = accepted.id;
+            v8::tc_scope!(let scope, scope);
+            let method = match methods.iter().find(|(m, _)| *m == accepted.method) {
+                Some((_, s)) => Some(v8::Local::new(scope, s)),
+                None => v8::String::new(scope, accepted.method.as_str()),
+            };
+            let url = v8::String::new(scope, &accepted.url);
+            let failure = match (method, url) {
+                (Some(method), Some(url)) => {
+                    let body: v8::Local<v8::Value> = match accepted.body_rid {
+                        Some(rid) => v8::Integer::new_from_unsigned(scope, rid).into(),
+                        None => v8::null(scope).into(),
+                    };
+                    let args = [
+                        v8::Integer::new_from_unsigned(scope, id).into(),
+                        method.into(),
+                        url.into(),
+                        body,
+                    ];
+                    let recv = v8::undefined(scope).into();
+                    if dispatch.call(scope, recv, &args).is_some() {
+                        None
+                    } else if scope.has_terminated() || scope.is_execution_terminating() {
+                        // V8 cancels a termination when it leaves the
+                        // outermost try/catch, and this is it: terminate
+                        // again, so no more of the tenant's JS (say, a loop
+                        // queued as a microtask) runs before the isolate's
+                        // task sees the limit's flag and ends it.
+                        scope.terminate_execution();
+                        None
+                    } else {
+                        Some(
+                            scope
+                                .exception()
+                                .map(|e| e.to_rust_string_lossy(scope))
+                                .unwrap_or_else(|| "unknown error".into()),
+                        )
+                    }
+                }
+                _ => Some("an argument is too long for V8".into()),
+            };
+            if let Some(e) = failure {
+                let mut state = op_state.borrow_mut();
+                state.borrow::<HostBridge>().fail_one(
+                    id,
+                    FailureKind::Exception,
+                    &format!("the request could not be dispatched: {e}"),
+                );
+                // Nobody will read the body: let the client's upload go.
+                if let Some(rid) = accepted.body_rid
+                    && let Ok(body) = state.resource_table.take_any(rid)
+                {
+                    body.close();
+                }
             }
         }
     }
@@ -222,7 +293,7 @@ impl Isolate {
         *self.owner.borrow_mut() = Some(deployment.clone());
         let env = deployment.env_json();
         let entry = &deployment.bundle.entry;
-        self.call_entry(|e| &e.boot, [Arg::Str(entry), Arg::Str(&env)])
+        self.call_entry(|e| &e.boot, [entry, &env])
     }
 
     /// Calls one of bootstrap.js's entry points. A call ended by
@@ -231,7 +302,7 @@ impl Isolate {
     fn call_entry<const N: usize>(
         &mut self,
         which: impl FnOnce(&EntryPoints) -> &v8::Global<v8::Function>,
-        args: [Arg<'_>; N],
+        args: [&str; N],
     ) -> Result<(), String> {
         let Some(entry_points) = &self.entry_points else {
             return Err("the isolate was not prepared".into());
@@ -245,13 +316,9 @@ impl Isolate {
         let f = v8::Local::new(scope, which(entry_points));
         let mut values = [v8::null(scope).into(); N];
         for (value, arg) in values.iter_mut().zip(args) {
-            *value = match arg {
-                Arg::U32(n) => v8::Integer::new_from_unsigned(scope, n).into(),
-                Arg::Str(s) => match v8::String::new(scope, s) {
-                    Some(s) => s.into(),
-                    None => return Err("an argument is too long for V8".into()),
-                },
-                Arg::Null => v8::null(scope).into(),
+            *value = match v8::String::new(scope, arg) {
+                Some(s) => s.into(),
+                None => return Err("an argument is too long for V8".into()),
             };
         }
         let recv = v8::undefined(scope).into();
@@ -283,18 +350,25 @@ impl Isolate {
     }
 }
 
-/// An argument to an entry point.
-enum Arg<'a> {
-    U32(u32),
-    Str(&'a str),
-    Null,
-}
-
 /// bootstrap.js's functions the host calls.
 struct EntryPoints {
     boot: v8::Global<v8::Function>,
     dispatch: v8::Global<v8::Function>,
+    /// The common methods as internalized strings, made once per isolate
+    /// rather than once per request.
+    methods: Vec<(http::Method, v8::Global<v8::String>)>,
 }
+
+/// Methods whose JS strings each isolate keeps ready.
+const COMMON_METHODS: [http::Method; 7] = [
+    http::Method::GET,
+    http::Method::HEAD,
+    http::Method::POST,
+    http::Method::PUT,
+    http::Method::DELETE,
+    http::Method::OPTIONS,
+    http::Method::PATCH,
+];
 
 impl Drop for Isolate {
     fn drop(&mut self) {

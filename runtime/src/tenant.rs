@@ -361,19 +361,14 @@ async fn drive(
         watch.arm(t0, budget, limit, handle.clone(), terminated.clone());
         let sample = memory_sampled.is_none_or(|at| at.elapsed() >= MEMORY_SAMPLE_EVERY);
         let (polled, memory) = isolate.run(|iso| {
-            let stopped = |iso: &Isolate| {
-                terminated.load(Ordering::SeqCst) || iso.heap_exceeded.load(Ordering::SeqCst)
-            };
-            for req in admitted.drain(..) {
-                iso.deliver(req);
-                if stopped(iso) {
-                    // A limit ended the handler: run nothing more here; the
-                    // requests not yet delivered are dropped with the rest
-                    // of this drain, so their clients hear the isolate ended.
-                    break;
-                }
-            }
-            if stopped(iso) {
+            let heap_exceeded = iso.heap_exceeded.clone();
+            let stopped =
+                || terminated.load(Ordering::SeqCst) || heap_exceeded.load(Ordering::SeqCst);
+            // After a limit ends a handler, nothing more runs here: the
+            // requests not yet delivered are dropped, so their clients
+            // hear the isolate ended.
+            iso.deliver_all(&mut admitted, &stopped);
+            if stopped() {
                 return (Poll::Pending, None);
             }
             let polled = iso.js.poll_event_loop(cx, PollEventLoopOptions::default());
