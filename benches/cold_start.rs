@@ -46,6 +46,7 @@ fn bundle(tenant: usize) -> Arc<Bundle> {
 
 fn request(tenant: usize) -> HttpRequest {
     HttpRequest {
+        received: std::time::Instant::now(),
         request_id: atoll_runtime::RequestId::from_u64(tenant as u64),
         method: http::Method::GET,
         url: format!("http://t{tenant}.example/"),

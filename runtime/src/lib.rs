@@ -43,6 +43,8 @@ use crate::worker::WorkerMsg;
 pub struct HttpRequest {
     /// Request id for logs.
     pub request_id: RequestId,
+    /// When the server received it; its wall-clock limit counts from here.
+    pub received: std::time::Instant,
     /// HTTP method.
     pub method: http::Method,
     /// Absolute URL the handler sees.

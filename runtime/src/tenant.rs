@@ -183,7 +183,8 @@ impl TenantSlot {
         }
         st.next_id = st.next_id.wrapping_add(1).max(1);
         let id = st.next_id;
-        let now = Instant::now();
+        // The server's clock reading: no second one per request here.
+        let now = d.request.received;
         st.last_used = Some(now);
         st.idle_cpu = Duration::ZERO;
         let r = d.request;
