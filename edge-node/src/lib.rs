@@ -15,8 +15,9 @@ mod server;
 mod tls;
 
 pub use admin::serve_admin;
+pub use body::ResponseBody;
 pub use config::{ConfigError, ListenConfig, NodeConfig, RouteConfig, ScriptConfig};
 pub use metrics::Metrics;
 pub use routes::{HostPattern, RouteError, Routes, parse_route};
-pub use server::{EdgeNode, ServerLimits};
+pub use server::{EdgeNode, Handling, ServerLimits};
 pub use tls::{CertSpec, TlsError, acceptor as tls_acceptor, self_signed};

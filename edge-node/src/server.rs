@@ -235,12 +235,12 @@ impl EdgeNode {
         scheme: &'static str,
     ) -> Handling {
         match self.start(req, peer, scheme) {
-            Started::Answered(resp) => Handling::Answered(Some(resp)),
-            Started::Dispatched(ctx, answer) => Handling::Dispatched {
+            Started::Answered(resp) => Handling(HandlingState::Answered(Some(resp))),
+            Started::Dispatched(ctx, answer) => Handling(HandlingState::Dispatched {
                 node: self.clone(),
                 ctx: Some(ctx),
                 answer,
-            },
+            }),
         }
     }
 
@@ -416,7 +416,9 @@ enum Started {
 
 /// A request being handled (see [`EdgeNode::handle`]); resolves to the
 /// client's response.
-pub enum Handling {
+pub struct Handling(HandlingState);
+
+enum HandlingState {
     /// Answered without a tenant.
     Answered(Option<Response<ResponseBody>>),
     /// Waiting for the tenant's isolate.
@@ -438,11 +440,11 @@ impl Future for Handling {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         use std::task::Poll;
-        match &mut *self {
-            Handling::Answered(resp) => {
+        match &mut self.0 {
+            HandlingState::Answered(resp) => {
                 Poll::Ready(resp.take().expect("Handling polled after completion"))
             }
-            Handling::Dispatched { node, ctx, answer } => {
+            HandlingState::Dispatched { node, ctx, answer } => {
                 let Poll::Ready(result) = std::pin::Pin::new(answer).poll(cx) else {
                     return Poll::Pending;
                 };
@@ -476,7 +478,7 @@ impl Future for Served {
 }
 
 /// What logging and metrics need of a request once its answer arrives.
-pub struct RequestContext {
+struct RequestContext {
     started: Instant,
     request_id: RequestId,
     method: http::Method,
