@@ -217,25 +217,7 @@ impl Isolate {
                         url.into(),
                         body,
                     ];
-                    let recv = v8::undefined(scope).into();
-                    if dispatch.call(scope, recv, &args).is_some() {
-                        None
-                    } else if scope.has_terminated() || scope.is_execution_terminating() {
-                        // V8 cancels a termination when it leaves the
-                        // outermost try/catch, and this is it: terminate
-                        // again, so no more of the tenant's JS (say, a loop
-                        // queued as a microtask) runs before the isolate's
-                        // task sees the limit's flag and ends it.
-                        scope.terminate_execution();
-                        None
-                    } else {
-                        Some(
-                            scope
-                                .exception()
-                                .map(|e| e.to_rust_string_lossy(scope))
-                                .unwrap_or_else(|| "unknown error".into()),
-                        )
-                    }
+                    call_guarded(scope, dispatch, &args).err()
                 }
                 _ => Some("an argument is too long for V8".into()),
             };
@@ -293,17 +275,13 @@ impl Isolate {
         *self.owner.borrow_mut() = Some(deployment.clone());
         let env = deployment.env_json();
         let entry = &deployment.bundle.entry;
-        self.call_entry(|e| &e.boot, [entry, &env])
+        self.call_boot([entry, &env])
     }
 
-    /// Calls one of bootstrap.js's entry points. A call ended by
+    /// Calls bootstrap.js's `boot` with string arguments. A call ended by
     /// termination (a limit) is not an error here: the caller sees the
     /// limit's flag.
-    fn call_entry<const N: usize>(
-        &mut self,
-        which: impl FnOnce(&EntryPoints) -> &v8::Global<v8::Function>,
-        args: [&str; N],
-    ) -> Result<(), String> {
+    fn call_boot(&mut self, args: [&str; 2]) -> Result<(), String> {
         let Some(entry_points) = &self.entry_points else {
             return Err("the isolate was not prepared".into());
         };
@@ -313,30 +291,15 @@ impl Isolate {
         let context = v8::Local::new(scope, context);
         let scope = &mut v8::ContextScope::new(scope, context);
         v8::tc_scope!(let scope, scope);
-        let f = v8::Local::new(scope, which(entry_points));
-        let mut values = [v8::null(scope).into(); N];
+        let f = v8::Local::new(scope, &entry_points.boot);
+        let mut values = [v8::null(scope).into(); 2];
         for (value, arg) in values.iter_mut().zip(args) {
             *value = match v8::String::new(scope, arg) {
                 Some(s) => s.into(),
                 None => return Err("an argument is too long for V8".into()),
             };
         }
-        let recv = v8::undefined(scope).into();
-        if f.call(scope, recv, &values).is_some() {
-            return Ok(());
-        }
-        if scope.has_terminated() || scope.is_execution_terminating() {
-            // V8 cancels a termination when it leaves the outermost
-            // try/catch, and this is it: terminate again, so no more of the
-            // tenant's JS (say, a loop queued as a microtask) runs before
-            // the isolate's task sees the limit's flag and ends it.
-            scope.terminate_execution();
-            return Ok(());
-        }
-        Err(scope
-            .exception()
-            .map(|e| e.to_rust_string_lossy(scope))
-            .unwrap_or_else(|| "unknown error".into()))
+        call_guarded(scope, f, &values)
     }
 
     /// Bytes of V8 heap in use, and the memory the isolate holds (heap
@@ -348,6 +311,32 @@ impl Isolate {
             stats.total_physical_size() + stats.external_memory(),
         )
     }
+}
+
+/// Calls `f` with `args` inside the try-catch `scope`; returns the thrown
+/// exception as text. A call ended by termination (a limit) counts as
+/// done: the caller sees the limit's flag.
+fn call_guarded<'s>(
+    scope: &mut v8::PinnedRef<'_, v8::TryCatch<'_, 's, v8::HandleScope<'_>>>,
+    f: v8::Local<'s, v8::Function>,
+    args: &[v8::Local<'s, v8::Value>],
+) -> Result<(), String> {
+    let recv = v8::undefined(scope).into();
+    if f.call(scope, recv, args).is_some() {
+        return Ok(());
+    }
+    if scope.has_terminated() || scope.is_execution_terminating() {
+        // V8 cancels a termination when it leaves the outermost try/catch,
+        // and this is it: terminate again, so no more of the tenant's JS
+        // (say, a loop queued as a microtask) runs before the isolate's task
+        // sees the limit's flag and ends it.
+        scope.terminate_execution();
+        return Ok(());
+    }
+    Err(scope
+        .exception()
+        .map(|e| e.to_rust_string_lossy(scope))
+        .unwrap_or_else(|| "unknown error".into()))
 }
 
 /// bootstrap.js's functions the host calls.
