@@ -1,6 +1,7 @@
 //! The time an HTTP/1 client has to send a request head, counted from when
 //! its connection opened or its last response was sent: slow and idle
-//! clients are dropped.
+//! clients are dropped. The same per-connection state carries the node's
+//! request to finish and close (see `drain`).
 //!
 //! hyper's own `header_read_timeout` does this with a timer armed and
 //! cancelled for every request (a boxed sleep, a timer-wheel insert and
@@ -41,7 +42,9 @@ pub(crate) struct HeadDeadline {
     write_progress: AtomicU64,
     /// Set once the client kept the connection waiting too long.
     expired: AtomicBool,
-    /// The connection's task, woken when `expired` is set.
+    /// Set when the node shuts down: finish the request in flight, then close.
+    draining: AtomicBool,
+    /// The connection's task, woken when `expired` or `draining` is set.
     connection: AtomicWaker,
 }
 
@@ -55,8 +58,20 @@ impl HeadDeadline {
             write_blocked: AtomicBool::new(false),
             write_progress: AtomicU64::new(0),
             expired: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             connection: AtomicWaker::new(),
         })
+    }
+
+    /// Asks the connection to finish its request in flight and close.
+    pub(crate) fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.connection.wake();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Marks a request head as received; the request counts as active
@@ -66,28 +81,38 @@ impl HeadDeadline {
         ActiveRequest(self.clone())
     }
 
-    /// Runs `connection` until it finishes, or until the client has kept
-    /// it waiting longer than `limit` for a request head with no request
-    /// active; then drops it (closing the socket) and returns `None`.
+    /// Runs `connection` until it finishes; calls `shut_down` on it (hyper's
+    /// graceful shutdown) once [`HeadDeadline::drain`] is called. With a
+    /// `limit` (HTTP/1), drops it
+    /// (closing the socket) and returns `None` once the client has kept it
+    /// waiting longer than `limit` for a request head with no request active.
     pub(crate) async fn serve<F: Future>(
         self: &Arc<Self>,
         connection: F,
-        limit: Duration,
+        limit: Option<Duration>,
+        shut_down: impl Fn(Pin<&mut F>),
     ) -> Option<F::Output> {
-        let _timer = AbortOnDrop(tokio::spawn(self.clone().expire_after(limit)));
+        let _timer = limit.map(|limit| AbortOnDrop(tokio::spawn(self.clone().expire_after(limit))));
         let mut connection = std::pin::pin!(connection);
+        let mut shutting_down = false;
         std::future::poll_fn(|cx| {
             if self.expired.load(Ordering::Acquire) {
                 return Poll::Ready(None);
+            }
+            if !shutting_down && self.draining.load(Ordering::Acquire) {
+                shutting_down = true;
+                shut_down(connection.as_mut());
             }
             if let Poll::Ready(out) = connection.as_mut().poll(cx) {
                 return Poll::Ready(Some(out));
             }
             self.connection.register(cx.waker());
-            // Expired between the first check and registering: no wake is
-            // coming for it.
-            if self.expired.load(Ordering::Acquire) {
-                return Poll::Ready(None);
+            // Expired or told to drain between the checks and registering:
+            // no wake is coming for it.
+            if self.expired.load(Ordering::Acquire)
+                || (!shutting_down && self.draining.load(Ordering::Acquire))
+            {
+                cx.waker().wake_by_ref();
             }
             Poll::Pending
         })
@@ -299,14 +324,44 @@ mod tests {
     async fn an_idle_connection_is_dropped_after_the_limit() {
         let state = HeadDeadline::new();
         let started = tokio::time::Instant::now();
-        assert_eq!(state.serve(forever(), LIMIT).await, None);
+        assert_eq!(state.serve(forever(), Some(LIMIT), |_| {}).await, None);
         assert_eq!(started.elapsed(), LIMIT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_shuts_the_connection_down_once_and_lets_it_finish() {
+        let state = HeadDeadline::new();
+        let shut_downs = Arc::new(AtomicU32::new(0));
+        let served = {
+            let (state, seen) = (state.clone(), shut_downs.clone());
+            let counter = shut_downs.clone();
+            tokio::spawn(async move {
+                // A connection that finishes only once it was shut down.
+                let connection = std::future::poll_fn(move |_| {
+                    if seen.load(Ordering::SeqCst) > 0 {
+                        Poll::Ready("closed")
+                    } else {
+                        Poll::Pending
+                    }
+                });
+                state
+                    .serve(connection, None, |_| {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    })
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!served.is_finished());
+        state.drain();
+        assert_eq!(served.await.ok(), Some(Some("closed")));
+        assert_eq!(shut_downs.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_finishes_returns_its_output() {
         let state = HeadDeadline::new();
-        assert_eq!(state.serve(async { 7 }, LIMIT).await, Some(7));
+        assert_eq!(state.serve(async { 7 }, Some(LIMIT), |_| {}).await, Some(7));
     }
 
     #[tokio::test(start_paused = true)]
@@ -315,7 +370,7 @@ mod tests {
         let active = state.request_started();
         let served = {
             let state = state.clone();
-            tokio::spawn(async move { state.serve(forever(), LIMIT).await })
+            tokio::spawn(async move { state.serve(forever(), Some(LIMIT), |_| {}).await })
         };
         // A response that streams for three limits keeps the connection.
         tokio::time::sleep(3 * LIMIT).await;

@@ -8,6 +8,7 @@
 mod admin;
 mod body;
 mod config;
+mod drain;
 mod head_deadline;
 mod metrics;
 mod routes;

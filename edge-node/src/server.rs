@@ -15,8 +15,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::body::{ResponseBody, full, request_body, response_body};
+use crate::drain::Connections;
 use crate::head_deadline::{ActiveRequest, HeadDeadline, TrackedBody, WriteProgress};
 use crate::routes::Routes;
+use hyper_util::server::graceful::GracefulConnection;
 
 /// Limits the server applies before a request reaches a tenant.
 #[derive(Debug, Clone, Copy)]
@@ -110,7 +112,7 @@ impl EdgeNode {
         drain_deadline: std::time::Duration,
     ) -> std::io::Result<()> {
         let protocols = Protocols::new(&self.limits);
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let connections = Arc::new(Connections::default());
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -146,12 +148,15 @@ impl EdgeNode {
                     active: Some(active),
                 }
             });
-            let watcher = graceful.watcher();
+            // Counted from here, so shutdown also waits for a connection
+            // whose task has not started on its worker yet.
+            let registration = connections.register(&conn_deadline);
             let protocols = protocols.clone();
             let tls = tls.clone();
             let warm_node = self.clone();
             let handshake_timeout = self.limits.header_read_timeout;
             self.runtime.spawn_on_worker(move || async move {
+                let _registration = registration;
                 let stream = match tokio::net::TcpStream::from_std(stream) {
                     Ok(s) => s,
                     Err(e) => {
@@ -170,9 +175,7 @@ impl EdgeNode {
                                 Ok(Ok(h2)) => h2,
                                 _ => return,
                             };
-                        protocols
-                            .serve(stream, h2, service, watcher, &conn_deadline)
-                            .await
+                        protocols.serve(stream, h2, service, &conn_deadline).await
                     }
                     Some(acceptor) => {
                         let handshake = async {
@@ -203,7 +206,7 @@ impl EdgeNode {
                             };
                         let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
                         protocols
-                            .serve(tls_stream, h2, service, watcher, &conn_deadline)
+                            .serve(tls_stream, h2, service, &conn_deadline)
                             .await
                     }
                 };
@@ -215,7 +218,7 @@ impl EdgeNode {
         drop(listener);
         tracing::info!("shutting down: finishing in-flight requests");
         tokio::select! {
-            _ = graceful.shutdown() => tracing::info!("all connections closed"),
+            _ = connections.drain() => tracing::info!("all connections closed"),
             _ = tokio::time::sleep(drain_deadline) => tracing::warn!(
                 "shutdown deadline of {} s passed with requests still in flight",
                 drain_deadline.as_secs()
@@ -534,14 +537,14 @@ impl Protocols {
     }
 
     /// Serves `io` with HTTP/2 or HTTP/1 until it closes, the node shuts
-    /// down (`watcher`), or an HTTP/1 client keeps it waiting for a request
-    /// head past the limit (`deadline`; HTTP/2 peers answer pings instead).
+    /// down (`deadline` is told to drain), or an HTTP/1 client keeps it
+    /// waiting for a request head past the limit (HTTP/2 peers answer pings
+    /// instead).
     async fn serve<I, S, B>(
         &self,
         io: I,
         h2: bool,
         service: S,
-        watcher: hyper_util::server::graceful::Watcher,
         deadline: &Arc<HeadDeadline>,
     ) -> Result<(), hyper::Error>
     where
@@ -553,22 +556,27 @@ impl Protocols {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if h2 {
-            watcher
-                .watch(self.h2.serve_connection(TokioIo::new(io), service))
+        let served = if h2 {
+            let connection = self.h2.serve_connection(TokioIo::new(io), service);
+            deadline
+                .serve(connection, None, GracefulConnection::graceful_shutdown)
                 .await
         } else {
             let io = TokioIo::new(WriteProgress::new(io, deadline.clone()));
-            let connection = watcher.watch(self.h1.serve_connection(io, service));
-            match deadline.serve(connection, self.head_timeout).await {
-                Some(served) => served,
-                // No request was running: dropping the connection closed it.
-                None => {
-                    tracing::debug!("closed a connection that sent no request head in time");
-                    Ok(())
-                }
-            }
-        }
+            let connection = self.h1.serve_connection(io, service);
+            deadline
+                .serve(
+                    connection,
+                    Some(self.head_timeout),
+                    GracefulConnection::graceful_shutdown,
+                )
+                .await
+        };
+        served.unwrap_or_else(|| {
+            // No request was running: dropping the connection closed it.
+            tracing::debug!("closed a connection that sent no request head in time");
+            Ok(())
+        })
     }
 }
 
