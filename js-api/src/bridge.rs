@@ -153,6 +153,19 @@ pub(crate) struct Pending {
     pub(crate) subrequests: usize,
     /// `fetch()` calls still waiting for their response head.
     pub(crate) open_fetches: usize,
+    /// Listed in `HostBridge::touched` since the host last took that list.
+    pub(crate) touched: bool,
+}
+
+impl Pending {
+    /// Notes that the request's code called into the host (see
+    /// [`HostBridge::take_touched`]).
+    pub(crate) fn touch(&mut self, id: u32, touched: &RefCell<Vec<u32>>) {
+        if !self.touched {
+            self.touched = true;
+            touched.borrow_mut().push(id);
+        }
+    }
 }
 
 /// Limits on the `fetch()` calls one request makes.
@@ -184,6 +197,9 @@ pub struct HostBridge {
     pub(crate) boot: RefCell<Option<oneshot::Sender<Result<(), String>>>>,
     pub(crate) log: LogSink,
     pub(crate) fetch_limits: std::cell::Cell<FetchLimits>,
+    /// Requests whose code called a host op (answered, streamed, fetched,
+    /// logged) since the host last took this list.
+    pub(crate) touched: RefCell<Vec<u32>>,
 }
 
 /// The host's end of the bridge for one isolate.
@@ -203,6 +219,7 @@ impl HostBridge {
                 boot: RefCell::new(Some(boot_tx)),
                 log,
                 fetch_limits: Default::default(),
+                touched: RefCell::new(Vec::new()),
             },
             HostHandle { booted: boot_rx },
         )
@@ -239,6 +256,20 @@ impl HostBridge {
             let _ = body.try_send(Err(detail.to_string()));
         }
         had_head
+    }
+
+    /// Moves the ids of the requests that called a host op since the last
+    /// call into `into` (cleared first): the requests whose code ran. The
+    /// host charges them the CPU time it cannot attribute more precisely.
+    pub fn take_touched(&self, into: &mut Vec<u32>) {
+        into.clear();
+        std::mem::swap(into, &mut *self.touched.borrow_mut());
+        let mut pending = self.pending.borrow_mut();
+        for id in into.iter() {
+            if let Some(p) = pending.get_mut(id) {
+                p.touched = false;
+            }
+        }
     }
 
     /// How far request `id` has got; `None` once it has finished.
@@ -314,6 +345,7 @@ pub fn accept(state: &mut deno_core::OpState, req: IncomingRequest) -> Accepted 
             body: None,
             subrequests: 0,
             open_fetches: 0,
+            touched: false,
         },
     );
     Accepted {

@@ -96,11 +96,15 @@ pub fn op_atoll_request_headers(
     state: &mut OpState,
     id: u32,
 ) -> Result<Vec<(ByteString, ByteString)>, JsErrorBox> {
-    bridge(state)
+    let bridge = bridge(state);
+    bridge
         .pending
         .borrow_mut()
         .get_mut(&id)
-        .and_then(|p| p.headers.take())
+        .and_then(|p| {
+            p.touch(id, &bridge.touched);
+            p.headers.take()
+        })
         .map(|headers| {
             headers
                 .iter()
@@ -116,8 +120,12 @@ pub fn op_atoll_request_headers(
 }
 
 fn send_head(state: &OpState, id: u32, response: Result<OutgoingResponse, HandlerError>) {
-    if let Some(p) = bridge(state).pending.borrow_mut().get_mut(&id)
-        && let Some(tx) = p.respond.take()
+    let bridge = bridge(state);
+    if let Some(p) = bridge.pending.borrow_mut().get_mut(&id)
+        && let Some(tx) = {
+            p.touch(id, &bridge.touched);
+            p.respond.take()
+        }
     {
         // The client may have gone away; nothing to do then.
         let _ = tx.send(response);
@@ -232,7 +240,9 @@ pub fn op_atoll_respond_stream(
 ) -> Result<(), JsErrorBox> {
     let headers = header_list::from_parts(name, value, rest)?;
     let (tx, rx) = mpsc::channel(RESPONSE_CHUNK_BUFFER);
-    if let Some(p) = bridge(state).pending.borrow_mut().get_mut(&id) {
+    let bridge = bridge(state);
+    if let Some(p) = bridge.pending.borrow_mut().get_mut(&id) {
+        p.touch(id, &bridge.touched);
         p.body = Some(tx);
     }
     send_head(
@@ -257,8 +267,12 @@ pub async fn op_atoll_body_write(
 ) -> bool {
     let tx = {
         let state = state.borrow();
-        let pending = bridge(&state).pending.borrow();
-        match pending.get(&id).and_then(|p| p.body.clone()) {
+        let bridge = bridge(&state);
+        let mut pending = bridge.pending.borrow_mut();
+        match pending.get_mut(&id).and_then(|p| {
+            p.touch(id, &bridge.touched);
+            p.body.clone()
+        }) {
             Some(tx) => tx,
             None => return false,
         }
@@ -275,8 +289,12 @@ pub async fn op_atoll_body_close(
 ) {
     let tx = {
         let state = state.borrow();
-        let mut pending = bridge(&state).pending.borrow_mut();
-        pending.get_mut(&id).and_then(|p| p.body.take())
+        let bridge = bridge(&state);
+        let mut pending = bridge.pending.borrow_mut();
+        pending.get_mut(&id).and_then(|p| {
+            p.touch(id, &bridge.touched);
+            p.body.take()
+        })
     };
     if let Some(tx) = tx {
         // The empty chunk is the end marker (real chunks are never empty).
@@ -334,7 +352,10 @@ pub fn op_atoll_log(state: &mut OpState, #[smi] level: u8, id: u32, #[string] me
     let request_id = if id == 0 {
         None
     } else {
-        bridge.pending.borrow().get(&id).map(|p| p.request_id)
+        bridge.pending.borrow_mut().get_mut(&id).map(|p| {
+            p.touch(id, &bridge.touched);
+            p.request_id
+        })
     };
     (bridge.log)(LogLine {
         level,
@@ -368,6 +389,7 @@ pub fn op_atoll_fetch_begin(state: &mut OpState, id: u32) -> String {
             limits.concurrent
         );
     }
+    p.touch(id, &bridge.touched);
     p.subrequests += 1;
     p.open_fetches += 1;
     String::new()
@@ -381,6 +403,7 @@ pub fn op_atoll_fetch_begin(state: &mut OpState, id: u32) -> String {
 pub fn op_atoll_fetch_end(state: &mut OpState, id: u32, declared_length: f64) -> String {
     let bridge = bridge(state);
     if let Some(p) = bridge.pending.borrow_mut().get_mut(&id) {
+        p.touch(id, &bridge.touched);
         p.open_fetches = p.open_fetches.saturating_sub(1);
     }
     let limit = bridge.fetch_limits.get().response_bytes;

@@ -165,14 +165,16 @@ impl Isolate {
 
     /// Starts each of `reqs` in the tenant's handler, in order: direct
     /// calls into JS, each running until its handler first awaits. All
-    /// share one V8 scope. Stops once `stopped()` says a limit ended a
-    /// handler; the requests left are dropped (their clients hear the
-    /// isolate ended). Call inside [`Isolate::run`], with the CPU watchdog
-    /// armed; the caller polls the event loop next.
+    /// share one V8 scope; `starting(id)` runs right before each call.
+    /// Stops once `stopped()` says a limit ended a handler; the requests
+    /// left are dropped (their clients hear the isolate ended). Call inside
+    /// [`Isolate::run`], with the CPU watchdog armed; the caller polls the
+    /// event loop next.
     pub(crate) fn deliver_all(
         &mut self,
         reqs: &mut Vec<IncomingRequest>,
         stopped: &dyn Fn() -> bool,
+        starting: &mut dyn FnMut(u32),
     ) {
         let op_state = self.js.op_state();
         let Some(entry_points) = &self.entry_points else {
@@ -217,6 +219,7 @@ impl Isolate {
                         url.into(),
                         body,
                     ];
+                    starting(id);
                     call_guarded(scope, dispatch, &args).err()
                 }
                 _ => Some("an argument is too long for V8".into()),

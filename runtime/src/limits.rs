@@ -211,6 +211,14 @@ impl CpuWatch {
         }
     }
 
+    /// Moves the armed deadline (this thread's CPU time) to `deadline`, as
+    /// when the next request of a batch starts with a budget of its own.
+    pub fn rearm(&self, deadline: Duration) {
+        if let Some(a) = lock(&self.armed).as_mut() {
+            a.deadline = deadline;
+        }
+    }
+
     /// Stops watching.
     pub fn disarm(&self) {
         lock(&self.armed).take();

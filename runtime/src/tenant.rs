@@ -324,6 +324,10 @@ async fn drive(
     let mut memory_sampled: Option<Instant> = None;
     let mut wall_check = tokio::time::interval(WALL_CHECK_EVERY);
     wall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Reused across polls: the handler time of each request delivered in
+    // a poll, and the requests whose code called into the host.
+    let mut charges: Vec<(u32, Duration)> = Vec::new();
+    let mut touched: Vec<u32> = Vec::new();
 
     poll_fn(|cx| {
         {
@@ -354,6 +358,7 @@ async fn drive(
             limits.cpu_per_request.saturating_sub(used)
         };
         let t0 = thread_cpu_time();
+        let wall0 = Instant::now();
         let limit = if booted.is_some() {
             limits.cpu_startup
         } else {
@@ -368,7 +373,37 @@ async fn drive(
             // After a limit ends a handler, nothing more runs here: the
             // requests not yet delivered are dropped, so their clients
             // hear the isolate ended.
-            iso.deliver_all(&mut admitted, &stopped);
+            // Each delivered request's handler gets the whole per-request
+            // budget: the CPU this poll used before it is at most the wall
+            // time since the poll began. Its own CPU is charged as the wall
+            // time its call took (never less than the CPU it used).
+            let mut current: Option<(u32, Instant)> = None;
+            iso.deliver_all(&mut admitted, &stopped, &mut |id| {
+                let now = Instant::now();
+                if let Some((prev, since)) = current.replace((id, now)) {
+                    charges.push((prev, now - since));
+                }
+                watch.rearm(t0 + (now - wall0) + limits.cpu_per_request);
+            });
+            if let Some((last, since)) = current {
+                let now = Instant::now();
+                charges.push((last, now - since));
+                // The event loop runs continuations of requests in flight:
+                // the least budget left among them applies again.
+                let mut st = state.borrow_mut();
+                for (id, took) in &charges {
+                    if let Some(f) = st.in_flight.get_mut(id) {
+                        f.cpu += *took;
+                    }
+                }
+                let most = st
+                    .in_flight
+                    .values()
+                    .map(|f| f.cpu)
+                    .max()
+                    .unwrap_or_default();
+                watch.rearm(t0 + (now - wall0) + limits.cpu_per_request.saturating_sub(most));
+            }
             if stopped() {
                 return (Poll::Pending, None);
             }
@@ -381,6 +416,12 @@ async fn drive(
         watch.disarm();
         let used = thread_cpu_time().saturating_sub(t0);
         cpu_counter.set(cpu_counter.get() + used);
+        isolate
+            .js
+            .op_state()
+            .borrow()
+            .borrow::<HostBridge>()
+            .take_touched(&mut touched);
         {
             let mut st = state.borrow_mut();
             st.cpu_total += used;
@@ -393,10 +434,32 @@ async fn drive(
             } else if idle {
                 st.idle_cpu += used;
             } else {
-                for f in st.in_flight.values_mut() {
-                    f.cpu += used;
+                // Delivered handlers were charged above. The rest of the
+                // poll ran continuations and timers: it goes to the requests
+                // whose code called into the host meanwhile (or, if none
+                // did, to all in flight), split between them, so a request
+                // that only waits is not charged for the others' work.
+                let delivered: Duration = charges.iter().map(|(_, took)| *took).sum();
+                let rest = used.saturating_sub(delivered);
+                let ran = touched
+                    .iter()
+                    .filter(|id| st.in_flight.contains_key(id))
+                    .count();
+                if ran > 0 {
+                    let share = rest / u32::try_from(ran).unwrap_or(u32::MAX);
+                    for id in &touched {
+                        if let Some(f) = st.in_flight.get_mut(id) {
+                            f.cpu += share;
+                        }
+                    }
+                } else {
+                    let n = u32::try_from(st.in_flight.len()).unwrap_or(u32::MAX).max(1);
+                    for f in st.in_flight.values_mut() {
+                        f.cpu += rest / n;
+                    }
                 }
             }
+            charges.clear();
         }
 
         if isolate.heap_exceeded.load(Ordering::SeqCst) {

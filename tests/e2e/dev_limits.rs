@@ -246,3 +246,53 @@ async fn a_stream_whose_client_left_does_not_hold_its_slot() {
     let resp = client().get(node.url("/")).send().await.expect("request");
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn a_waiting_request_is_not_charged_for_other_requests_cpu() {
+    let dev = Dev::start(
+        &[(
+            "mixed.js",
+            r#"
+            export default {
+              async fetch(request) {
+                const path = new URL(request.url).pathname;
+                if (path === "/wait") {
+                  await new Promise((resolve) => setTimeout(resolve, 1500));
+                  return new Response("waited");
+                }
+                // 10 ms of CPU: a fifth of the limit.
+                const end = Date.now() + 10;
+                while (Date.now() < end) {}
+                return new Response("burned");
+              },
+            };
+            "#,
+        )],
+        &["mixed.js", "--cpu-ms", "50"],
+    );
+    let c = client();
+    let waiting = tokio::spawn({
+        let (c, url) = (c.clone(), dev.url("/wait"));
+        async move { c.get(url).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Together far more than the limit, while /wait is in flight; each
+    // is well within it.
+    for i in 0..15 {
+        let resp = c.get(dev.url("/burn")).send().await.expect("request");
+        assert_eq!(resp.status(), 200, "burn {i}");
+    }
+    let waited = waiting.await.expect("task").expect("request");
+    assert_eq!(waited.status(), 200);
+    assert_eq!(waited.text().await.expect("text"), "waited");
+    // Sent at once, they reach the isolate together and run in one batch:
+    // each handler still has its own budget.
+    let burns: Vec<_> = (0..12)
+        .map(|_| tokio::spawn(c.get(dev.url("/burn")).send()))
+        .collect();
+    for burn in burns {
+        let resp = burn.await.expect("task").expect("request");
+        assert_eq!(resp.status(), 200);
+    }
+    assert!(!dev.log().contains("CPU time limit"), "{}", dev.log());
+}
