@@ -375,8 +375,8 @@ async fn drive(
             // hear the isolate ended.
             // Each delivered request's handler gets the whole per-request
             // budget: the CPU this poll used before it is at most the wall
-            // time since the poll began. Its own CPU is charged as the wall
-            // time its call took (never less than the CPU it used).
+            // time since the poll began. Its own CPU is charged as its share
+            // of the batch's CPU, by the wall time its call took.
             let mut current: Option<(u32, Instant)> = None;
             iso.deliver_all(&mut admitted, &stopped, &mut |id| {
                 let now = Instant::now();
@@ -388,6 +388,16 @@ async fn drive(
             if let Some((last, since)) = current {
                 let now = Instant::now();
                 charges.push((last, now - since));
+                // Time the thread spent preempted is in the wall times but
+                // is no handler's CPU: scale them down to what the calls used.
+                let wall: Duration = charges.iter().map(|(_, took)| *took).sum();
+                let cpu = thread_cpu_time().saturating_sub(t0);
+                if cpu < wall {
+                    let scale = cpu.as_secs_f64() / wall.as_secs_f64();
+                    for (_, took) in &mut charges {
+                        *took = took.mul_f64(scale);
+                    }
+                }
                 // The event loop runs continuations of requests in flight:
                 // the least budget left among them applies again.
                 let mut st = state.borrow_mut();
