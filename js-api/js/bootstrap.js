@@ -537,8 +537,11 @@ class IncomingInnerRequest {
     this.body = body;
     this.redirectMode = "follow";
     this.redirectCount = 0;
-    this.urlList = [() => url];
-    this.urlListProcessed = [url];
+    this.urlValue = url;
+    // The URL lists deno_fetch keeps are built only if something reads
+    // them (cloning the request does): most handlers never do.
+    this.urlListInner = null;
+    this.urlListProcessedInner = null;
     this.clientRid = null;
     this.blobUrlEntry = null;
   }
@@ -558,16 +561,43 @@ class IncomingInnerRequest {
     this.headerListInner = value;
   }
 
+  get urlList() {
+    if (this.urlListInner === null) {
+      const url = this.urlValue;
+      this.urlListInner = [() => url];
+    }
+    return this.urlListInner;
+  }
+
+  set urlList(value) {
+    this.urlListInner = value;
+  }
+
+  get urlListProcessed() {
+    if (this.urlListProcessedInner === null) {
+      this.urlListProcessedInner = [this.urlValue];
+    }
+    return this.urlListProcessedInner;
+  }
+
+  set urlListProcessed(value) {
+    this.urlListProcessedInner = value;
+  }
+
   url() {
-    return this.urlListProcessed[0];
+    return this.urlListProcessedInner === null
+      ? this.urlValue
+      : this.urlListProcessedInner[0];
   }
 
   currentUrl() {
+    if (this.urlListInner === null) return this.urlValue;
     const i = this.urlList.length - 1;
-    if (this.urlListProcessed[i] === undefined) {
-      this.urlListProcessed[i] = this.urlList[i]();
+    const processed = this.urlListProcessed;
+    if (processed[i] === undefined) {
+      processed[i] = this.urlList[i]();
     }
-    return this.urlListProcessed[i];
+    return processed[i];
   }
 }
 

@@ -403,6 +403,11 @@ async fn static_responses_keep_their_headers_and_body_rules() {
                   await resp.text();
                   return resp;
                 }
+                if (path === "/clone") {
+                  // Copies of the incoming request keep its URL.
+                  const copy = new Request(request, { method: "POST", body: "x" });
+                  return new Response(`${request.clone().url} ${copy.url} ${copy.method}`);
+                }
                 return new Response("?", { status: 404 });
               },
             };
@@ -437,6 +442,14 @@ async fn static_responses_keep_their_headers_and_body_rules() {
     let resp = get("/used").await.expect("request");
     assert_eq!(resp.status(), 500);
     assert_eq!(get("/text").await.expect("request").status(), 200);
+    let url = dev.url("/clone");
+    let text = get("/clone")
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(text, format!("{url} {url} POST"));
 }
 
 #[tokio::test]
