@@ -165,16 +165,17 @@ impl Isolate {
 
     /// Starts each of `reqs` in the tenant's handler, in order: direct
     /// calls into JS, each running until its handler first awaits. All
-    /// share one V8 scope; `starting(id)` runs right before each call.
-    /// Stops once `stopped()` says a limit ended a handler; the requests
-    /// left are dropped (their clients hear the isolate ended). Call inside
-    /// [`Isolate::run`], with the CPU watchdog armed; the caller polls the
-    /// event loop next.
+    /// share one V8 scope. `starting(id)` runs right before each one; when
+    /// it returns false, that request and the rest stay in `reqs`, for a
+    /// later poll. Stops once `stopped()` says a limit ended a handler; the
+    /// requests left are dropped (their clients hear the isolate ended).
+    /// Call inside [`Isolate::run`], with the CPU watchdog armed; the
+    /// caller polls the event loop next.
     pub(crate) fn deliver_all(
         &mut self,
         reqs: &mut Vec<IncomingRequest>,
         stopped: &dyn Fn() -> bool,
-        starting: &mut dyn FnMut(u32),
+        starting: &mut dyn FnMut(u32) -> bool,
     ) {
         let op_state = self.js.op_state();
         let Some(entry_points) = &self.entry_points else {
@@ -195,8 +196,14 @@ impl Isolate {
         let scope = &mut v8::ContextScope::new(scope, context);
         let dispatch = v8::Local::new(scope, &entry_points.dispatch);
         let methods = &entry_points.methods;
-        for req in reqs.drain(..) {
+        let mut left = std::mem::take(reqs).into_iter();
+        while let Some(req) = left.next() {
             if stopped() {
+                break;
+            }
+            if !starting(req.id) {
+                reqs.push(req);
+                reqs.extend(left);
                 break;
             }
             let accepted = atoll_js_api::accept(&mut op_state.borrow_mut(), req);
@@ -219,7 +226,6 @@ impl Isolate {
                         url.into(),
                         body,
                     ];
-                    starting(id);
                     call_guarded(scope, dispatch, &args).err()
                 }
                 _ => Some("an argument is too long for V8".into()),

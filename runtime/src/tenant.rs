@@ -34,6 +34,18 @@ const WALL_CHECK_EVERY: Duration = Duration::from_millis(20);
 /// itself; this figure feeds eviction and metrics.
 const MEMORY_SAMPLE_EVERY: Duration = Duration::from_millis(25);
 
+/// Longest a poll goes on starting handlers (it always starts one): the
+/// requests left wait for the next poll, after the thread has served its
+/// other connections and isolates, so a burst of heavy requests to one
+/// tenant does not hold up everything else on its thread.
+const DELIVERY_SLICE: Duration = Duration::from_millis(5);
+
+/// Rounds of the thread's other ready work (socket reads, other isolates,
+/// new connections) an isolate lets run after a poll that used its whole
+/// delivery slice: a new connection takes several such rounds to reach its
+/// own isolate, and would otherwise wait a slice for each.
+const YIELD_ROUNDS_AFTER_SLICE: u8 = 8;
+
 /// A request on its way into an isolate, with where its answer goes.
 pub(crate) struct Dispatch {
     pub(crate) request: HttpRequest,
@@ -329,7 +341,13 @@ async fn drive(
     let mut charges: Vec<(u32, Duration)> = Vec::new();
     let mut touched: Vec<u32> = Vec::new();
 
+    let mut yields_left = 0u8;
     poll_fn(|cx| {
+        if yields_left > 0 {
+            yields_left -= 1;
+            defer_wake(cx);
+            return Poll::Pending;
+        }
         {
             let mut st = state.borrow_mut();
             if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -359,6 +377,7 @@ async fn drive(
         };
         let t0 = thread_cpu_time();
         let wall0 = Instant::now();
+        let mut sliced = false;
         let limit = if booted.is_some() {
             limits.cpu_startup
         } else {
@@ -380,11 +399,28 @@ async fn drive(
             let mut current: Option<(u32, Instant)> = None;
             iso.deliver_all(&mut admitted, &stopped, &mut |id| {
                 let now = Instant::now();
+                if current.is_some() && now - wall0 >= DELIVERY_SLICE {
+                    return false;
+                }
                 if let Some((prev, since)) = current.replace((id, now)) {
                     charges.push((prev, now - since));
                 }
                 watch.rearm(t0 + (now - wall0) + limits.cpu_per_request);
+                true
             });
+            if !admitted.is_empty() {
+                // Out of time for this poll: the rest go back to the head
+                // of the queue, in order, until the next one.
+                sliced = true;
+                let mut st = state.borrow_mut();
+                for incoming in admitted.drain(..).rev() {
+                    let deadline = st
+                        .in_flight
+                        .remove(&incoming.id)
+                        .map_or_else(|| Instant::now() + limits.wall_per_request, |f| f.deadline);
+                    st.queue.push_front(Queued { incoming, deadline });
+                }
+            }
             if let Some((last, since)) = current {
                 let now = Instant::now();
                 charges.push((last, now - since));
@@ -603,7 +639,10 @@ async fn drive(
                 }
             }
         }
-        if st.in_flight.len() < limits.max_concurrent && !st.queue.is_empty() {
+        if sliced {
+            yields_left = YIELD_ROUNDS_AFTER_SLICE;
+            defer_wake(cx);
+        } else if st.in_flight.len() < limits.max_concurrent && !st.queue.is_empty() {
             // Finished requests made room: admit and poll again.
             cx.waker().wake_by_ref();
         }
@@ -617,6 +656,12 @@ async fn drive(
         Poll::Pending
     })
     .await
+}
+
+/// Wakes the task of `cx` once the thread has polled its sockets and run
+/// the tasks already waiting (tokio's `yield_now` defers its wake so).
+fn defer_wake(cx: &mut std::task::Context<'_>) {
+    let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
 }
 
 /// Moves queued requests into `admitted` (to be delivered to the isolate)

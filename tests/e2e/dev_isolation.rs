@@ -146,3 +146,55 @@ async fn every_connection_reaches_the_tenants_one_isolate() {
     assert_eq!(seen_a, (1..=8).collect::<Vec<_>>(), "tenant a's counter");
     assert_eq!(seen_b, (1..=8).collect::<Vec<_>>(), "tenant b's counter");
 }
+
+#[tokio::test]
+async fn a_burst_of_heavy_requests_does_not_hold_up_another_tenant_on_its_thread() {
+    let heavy = r#"
+        export default {
+          fetch() {
+            // 40 ms of CPU per request.
+            const end = Date.now() + 40;
+            while (Date.now() < end) {}
+            return new Response("a");
+          },
+        };
+    "#;
+    let light = r#"export default { fetch() { return new Response("b"); } };"#;
+    let dev = Dev::start(
+        &[("a.js", heavy), ("b.js", light)],
+        // One worker thread: both isolates live on the same thread.
+        &["a.local=a.js", "b.local=b.js", "--threads", "1"],
+    );
+    let c = client();
+    let get = |host: &'static str| c.get(dev.url("/")).header("host", host).send();
+    // Both isolates booted first.
+    assert_eq!(get("a.local").await.expect("request").status(), 200);
+    assert_eq!(get("b.local").await.expect("request").status(), 200);
+
+    const BURST: usize = 12;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let burst: Vec<_> = (0..BURST)
+        .map(|_| {
+            let (request, done) = (get("a.local"), done.clone());
+            tokio::spawn(async move {
+                let resp = request.await.expect("request");
+                assert_eq!(resp.text().await.expect("text"), "a");
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        })
+        .collect();
+    // Let the burst reach the isolate (about half a second of work).
+    tokio::time::sleep(std::time::Duration::from_millis(80)).await;
+    let resp = get("b.local").await.expect("request");
+    assert_eq!(resp.text().await.expect("text"), "b");
+    let before_b = done.load(std::sync::atomic::Ordering::SeqCst);
+    for task in burst {
+        task.await.expect("burst request");
+    }
+    // Handlers start a few at a time, between which the thread serves its
+    // other connections: b is not answered after the whole burst.
+    assert!(
+        before_b < BURST / 2,
+        "{before_b} of {BURST} heavy requests were answered before the light one"
+    );
+}
