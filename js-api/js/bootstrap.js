@@ -756,9 +756,9 @@ function isFastStatic(resp) {
 
 /**
  * Sends a response `isFastStatic` accepted straight from the fields
- * deno_fetch set, without building its inner body and header list (which
- * `toInnerResponse` would, at twice the garbage per request). `done` as
- * for `sendResponse`.
+ * deno_fetch set, without building its inner body and header list as
+ * `toInnerResponse` would (about a sixth of a hello-world request's
+ * garbage). `done` as for `sendResponse`.
  */
 function sendFastStatic(id, resp, ctx) {
   if (responseBodyUsed(resp)) {
