@@ -9,6 +9,7 @@ import {
   op_atoll_boot_done,
   op_atoll_fetch_begin,
   op_atoll_fetch_end,
+  op_atoll_fetch_response_limit,
   op_atoll_log,
   op_atoll_request_done,
   op_atoll_request_headers,
@@ -319,6 +320,8 @@ function currentRequestId() {
 // redirect hop, where tenant code cannot interfere.
 
 const innerFetch = fetchMod.fetch;
+// Taken before tenant code runs, which may replace the prototype's method.
+const ReadableStreamPrototypePipeThrough = streams.ReadableStreamPrototype.pipeThrough;
 /** `fetch()` as handlers see it. */
 function fetch(input, init = undefined) {
   const id = currentRequestId();
@@ -340,12 +343,45 @@ function fetch(input, init = undefined) {
         response.body?.cancel();
         throw new TypeError(refused);
       }
+      // A declared length is what arrives (the client holds the server to
+      // it); without one, the body is counted as it is read.
+      if (declared === null) limitResponseBody(response);
       return response;
     },
     (e) => {
       op_atoll_fetch_end(id, -1);
       throw withCause(e);
     },
+  );
+}
+
+/**
+ * Makes `response`'s body (one a server streams without declaring its
+ * length) fail with a TypeError once more than the per-request response
+ * limit has arrived; the upstream connection is then closed.
+ */
+function limitResponseBody(response) {
+  const inner = toInnerResponse(response);
+  const stream = inner?.body?.streamOrStatic;
+  if (!isReadableStream(stream)) return;
+  const limit = op_atoll_fetch_response_limit();
+  let seen = 0;
+  const counted = new streams.TransformStream({
+    transform(chunk, controller) {
+      seen += TypedArrayPrototypeGetByteLength(chunk);
+      if (seen > limit) {
+        controller.error(
+          new TypeError(
+            `the response body is larger than the limit of ${limit} bytes`,
+          ),
+        );
+        return;
+      }
+      controller.enqueue(chunk);
+    },
+  });
+  inner.body = new InnerBody(
+    FunctionPrototypeCall(ReadableStreamPrototypePipeThrough, stream, counted),
   );
 }
 

@@ -32,6 +32,7 @@ deno_core::extension!(
         ops::op_atoll_boot_done,
         ops::op_atoll_fetch_begin,
         ops::op_atoll_fetch_end,
+        ops::op_atoll_fetch_response_limit,
     ],
     esm_entry_point = "ext:atoll_api/bootstrap.js",
     esm = [dir "js", "bootstrap.js"],

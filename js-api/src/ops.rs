@@ -415,6 +415,13 @@ pub fn op_atoll_fetch_end(state: &mut OpState, id: u32, declared_length: f64) ->
     String::new()
 }
 
+/// The most bytes a `fetch()` response body may have: its declared length
+/// is checked by [`op_atoll_fetch_end`]; JS counts a body without one.
+#[op2(fast)]
+pub fn op_atoll_fetch_response_limit(state: &mut OpState) -> f64 {
+    bridge(state).fetch_limits.get().response_bytes as f64
+}
+
 /// Reports the outcome of evaluating the tenant's entry module.
 #[op2]
 pub fn op_atoll_boot_done(state: &mut OpState, #[string] error: Option<String>) {

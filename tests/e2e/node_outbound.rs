@@ -361,3 +361,36 @@ export default {{
     assert_eq!(get("/abort").await, "AbortError");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test]
+async fn a_body_without_a_declared_length_is_held_to_the_response_limit() {
+    let port = upstream().await;
+    // Reads the whole upstream body; answers with its size or the error.
+    let handler = r#"
+export default {
+  async fetch(req) {
+    const target = new URL(req.url).searchParams.get("url");
+    try {
+      const body = await (await fetch(target)).arrayBuffer();
+      return new Response(`read ${body.byteLength}`);
+    } catch (e) {
+      return new Response(`${e.name}: ${e.message}`, { status: 502 });
+    }
+  },
+};
+"#;
+    let node = node(
+        handler,
+        "[outbound]\nallow = [\"127.0.0.1\"]\n\n[limits]\ncpu_ms = 5000\nfetch_response_mb = 1\n",
+    );
+    // `/big` streams 8 MiB in chunks, with no content-length.
+    let (status, text) = via(&node, &format!("http://127.0.0.1:{port}/big")).await;
+    assert_eq!(status, 502, "{text}");
+    assert_eq!(
+        text,
+        "TypeError: the response body is larger than the limit of 1048576 bytes"
+    );
+    // A declared length within the limit is read as before.
+    let (status, text) = via(&node, &format!("http://127.0.0.1:{port}/hello")).await;
+    assert_eq!((status, text.as_str()), (200, "read 14"));
+}
