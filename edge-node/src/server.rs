@@ -237,19 +237,17 @@ impl EdgeNode {
         peer: SocketAddr,
         scheme: &'static str,
     ) -> Handling {
-        match self.start(req, peer, scheme) {
-            Started::Answered(resp) => Handling(HandlingState::Answered(Some(resp))),
-            Started::Dispatched(ctx, answer) => Handling(HandlingState::Dispatched {
-                node: self.clone(),
-                ctx: Some(ctx),
-                answer,
-            }),
-        }
+        Handling(self.start(req, peer, scheme))
     }
 
     /// Routes `req` and hands it to its tenant's isolate, or answers it
     /// at once (bad host, no route, body too large).
-    fn start(&self, req: Request<Incoming>, peer: SocketAddr, scheme: &'static str) -> Started {
+    fn start(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        scheme: &'static str,
+    ) -> HandlingState {
         let started = Instant::now();
         let request_id = new_request_id();
         let (parts, body) = req.into_parts();
@@ -268,22 +266,22 @@ impl EdgeNode {
         // The host becomes part of the URL the handler parses and selects
         // the route: it must be a plain authority.
         let Some(host) = host.filter(|h| is_plain_authority(h)) else {
-            return Started::Answered(plain(
+            return HandlingState::Answered(Some(plain(
                 StatusCode::BAD_REQUEST,
                 &request_id,
                 "the Host header is not a valid host name\n".to_string(),
-            ));
+            )));
         };
 
         let routes = self.routes.load();
         let Some(deployment) = routes.lookup(host, path).cloned() else {
             tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, status = 404, "no route");
             self.metrics.unrouted();
-            return Started::Answered(plain(
+            return HandlingState::Answered(Some(plain(
                 StatusCode::NOT_FOUND,
                 &request_id,
                 format!("no worker is routed for host {host} and path {path}\n"),
-            ));
+            )));
         };
         drop(routes);
 
@@ -293,14 +291,14 @@ impl EdgeNode {
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
             tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, status = 413, "body too large");
-            return Started::Answered(plain(
+            return HandlingState::Answered(Some(plain(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &request_id,
                 format!(
                     "the request body is larger than the limit of {} bytes\n",
                     self.limits.max_body_bytes
                 ),
-            ));
+            )));
         }
 
         let span = tracing::info_span!(
@@ -320,8 +318,9 @@ impl EdgeNode {
         };
         // A cold start may log (pool misses, evictions): under this request.
         let answer = span.in_scope(|| self.runtime.dispatch(deployment.clone(), request));
-        Started::Dispatched(
-            RequestContext {
+        HandlingState::Dispatched {
+            node: self.clone(),
+            ctx: Some(RequestContext {
                 started,
                 request_id,
                 method,
@@ -329,9 +328,9 @@ impl EdgeNode {
                 peer,
                 deployment,
                 span,
-            },
+            }),
             answer,
-        )
+        }
     }
 
     /// Records and logs the outcome of a dispatched request and turns it
@@ -409,18 +408,11 @@ impl EdgeNode {
     }
 }
 
-/// How [`EdgeNode::start`] left a request.
-enum Started {
-    /// Answered without a tenant.
-    Answered(Response<ResponseBody>),
-    /// Handed to a tenant's isolate; the answer comes later.
-    Dispatched(RequestContext, atoll_runtime::Answer),
-}
-
 /// A request being handled (see [`EdgeNode::handle`]); resolves to the
 /// client's response.
 pub struct Handling(HandlingState);
 
+/// How [`EdgeNode::start`] left a request.
 enum HandlingState {
     /// Answered without a tenant.
     Answered(Option<Response<ResponseBody>>),
