@@ -136,11 +136,41 @@ run() {
   wait "$pid" 2>/dev/null || true
 }
 
-# Prints the table for servers "$@" and atoll's ratio to each other one.
+ROUNDS=${ROUNDS:-1}
+declare -A round_rps round_p99 round_row
+# rounds NAME...: runs each server (the caller's function `serve_NAME`,
+# which calls `run NAME ...`) one after another, $ROUNDS times over,
+# interleaved so the VM's slow and fast minutes fall on all of them alike.
+# Keeps every round's requests/s and p99 for `report`; rps, p50, p99,
+# user_us and sys_us end up holding each server's median round (by
+# requests/s).
+rounds() {
+  local r name median
+  for r in $(seq 1 "$ROUNDS"); do
+    for name in "$@"; do
+      "serve_$name"
+      round_rps[$name,$r]=${rps[$name]}
+      round_p99[$name,$r]=${p99[$name]}
+      round_row[$name,$r]="${rps[$name]} ${p50[$name]} ${p99[$name]} ${user_us[$name]} ${sys_us[$name]}"
+    done
+  done
+  for name in "$@"; do
+    median=$(for r in $(seq 1 "$ROUNDS"); do echo "${round_row[$name,$r]}"; done |
+      sort -g -k1,1 | awk '{ row[NR] = $0 } END { print row[int((NR + 1) / 2)] }')
+    read -r "rps[$name]" "p50[$name]" "p99[$name]" "user_us[$name]" "sys_us[$name]" <<<"$median"
+  done
+}
+
+# Prints the table for servers "$@" (their median round when there were
+# several) and atoll's ratio to each other one: per round, and the median
+# of those ratios.
 report() {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%Y-%m-%d)"
+  local s r
+  if [ "$ROUNDS" -gt 1 ]; then
+    echo "$ROUNDS interleaved rounds; each server's median round (by requests/s):"
+  fi
   printf '%-10s %12s %10s %10s %12s %12s\n' server "requests/s" "p50 ms" "p99 ms" "user us/req" "sys us/req"
-  local s
   for s in "$@"; do
     printf '%-10s %12s %10s %10s %12s %12s\n' "$s" "${rps[$s]}" "${p50[$s]}" "${p99[$s]}" \
       "${user_us[$s]}" "${sys_us[$s]}"
@@ -148,8 +178,23 @@ report() {
   echo
   for s in "$@"; do
     [ "$s" = atoll ] && continue
-    awk -v a="${rps[atoll]}" -v b="${rps[$s]}" -v pa="${p99[atoll]}" -v pb="${p99[$s]}" -v s="$s" \
-      'BEGIN { printf "atoll / %-8s %.2fx requests/s, p99 %.2fx\n", s ":", a / b, pa / pb }'
+    if [ "$ROUNDS" -le 1 ]; then
+      awk -v a="${rps[atoll]}" -v b="${rps[$s]}" -v pa="${p99[atoll]}" -v pb="${p99[$s]}" -v s="$s" \
+        'BEGIN { printf "atoll / %-8s %.2fx requests/s, p99 %.2fx\n", s ":", a / b, pa / pb }'
+      continue
+    fi
+    for r in $(seq 1 "$ROUNDS"); do
+      echo "${round_rps[atoll,$r]} ${round_rps[$s,$r]} ${round_p99[atoll,$r]} ${round_p99[$s,$r]}"
+    done | awk -v s="$s" '
+      { q[NR] = $1 / $2; l[NR] = $3 / $4; qs = qs sprintf(" %.2f", q[NR]); ls = ls sprintf(" %.2f", l[NR]) }
+      function median(a, n,   i, j, t) {
+        for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+        return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+      }
+      END {
+        printf "atoll / %-8s requests/s by round%s, median %.2fx\n", s ":", qs, median(q, NR)
+        printf "%-17s p99 by round%s, median %.2fx\n", "", ls, median(l, NR)
+      }'
   done
 }
 

@@ -27,8 +27,9 @@ allow = [\"127.0.0.1\"]"
 start_pinned "$CLIENT_CPU" upstream "$deno" serve --quiet --port "$p_up" upstream.js
 wait_up "$p_up" upstream
 
-run atoll "$p_atoll" env ATOLL_LOG=warn "$atoll" node --config node.toml
-run deno "$p_deno" "$deno" serve --quiet --allow-net=127.0.0.1 --port "$p_deno" proxy.js
+serve_atoll() { run atoll "$p_atoll" env ATOLL_LOG=warn "$atoll" node --config node.toml; }
+serve_deno() { run deno "$p_deno" "$deno" serve --quiet --allow-net=127.0.0.1 --port "$p_deno" proxy.js; }
+rounds atoll deno
 
 echo
 echo "proxy of a 1 KiB upstream response: $CONNECTIONS connections, $DURATION, proxy on CPU $SERVER_CPU, wrk and upstream on CPU $CLIENT_CPU"
