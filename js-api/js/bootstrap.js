@@ -15,6 +15,7 @@ import {
   op_atoll_request_headers,
   op_atoll_respond,
   op_atoll_respond_error,
+  op_atoll_respond_resource,
   op_atoll_respond_stream,
   op_atoll_respond_text,
   op_atoll_respond_text_typed,
@@ -556,7 +557,19 @@ ObjectDefineProperties(globalThis, {
 // Dispatch.
 
 const { InnerBody } = body;
-const { readableStreamForRid, isReadableStream } = streams;
+const {
+  readableStreamForRid,
+  isReadableStream,
+  getReadableStreamResourceBacking,
+  isReadableStreamDisturbed,
+  readableStreamDisturb,
+} = streams;
+// Taken before tenant code runs, which may replace them.
+const ReadableStreamPrototypeGetReader = streams.ReadableStreamPrototype.getReader;
+const ReadableStreamPrototypeLocked = ObjectGetOwnPropertyDescriptor(
+  streams.ReadableStreamPrototype,
+  "locked",
+).get;
 const { fromInnerRequest } = request;
 
 /**
@@ -884,6 +897,20 @@ function sendResponse(id, resp, ctx = null) {
       op_atoll_respond(id, status, name, value, rest, src.body, done);
     }
     return done ? FINISHED : undefined;
+  }
+  // A body backed by a host resource (a fetch() response's, the request's
+  // own) that nothing has read yet: the host pipes it without JS per chunk.
+  const backing = getReadableStreamResourceBacking(src);
+  if (
+    backing !== undefined && backing !== null &&
+    !FunctionPrototypeCall(ReadableStreamPrototypeLocked, src) &&
+    !isReadableStreamDisturbed(src)
+  ) {
+    op_atoll_respond_resource(id, status, name, value, rest, backing.rid, backing.autoClose);
+    // The stream's data now goes to the client: nothing else may read it.
+    readableStreamDisturb(src);
+    FunctionPrototypeCall(ReadableStreamPrototypeGetReader, src);
+    return undefined;
   }
   op_atoll_respond_stream(id, status, name, value, rest);
   return streamBody(id, src);

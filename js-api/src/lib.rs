@@ -24,6 +24,7 @@ deno_core::extension!(
         ops::op_atoll_respond_text,
         ops::op_atoll_respond_text_typed,
         ops::op_atoll_respond_stream,
+        ops::op_atoll_respond_resource,
         ops::op_atoll_body_write,
         ops::op_atoll_body_close,
         ops::op_atoll_respond_error,

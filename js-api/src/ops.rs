@@ -257,6 +257,81 @@ pub fn op_atoll_respond_stream(
     Ok(())
 }
 
+/// Bytes asked of a resource per read when the host pipes it into a
+/// response (as deno_web's streams read them).
+const PIPE_READ_SIZE: usize = 64 * 1024;
+
+/// Answers request `id` with the body of resource `rid` (a `fetch()`
+/// response's body, or the request's own): the host reads it and passes
+/// it on chunk by chunk, with no JS (and no buffer in the isolate's heap)
+/// per chunk. With `auto_close` the resource leaves the table and is
+/// closed once piped; otherwise JS still owns it.
+#[op2(fast)]
+#[allow(clippy::too_many_arguments)]
+pub fn op_atoll_respond_resource(
+    state: &mut OpState,
+    id: u32,
+    #[smi] status: u16,
+    #[string] name: &str,
+    #[string] value: &str,
+    #[string] rest: &str,
+    #[smi] rid: deno_core::ResourceId,
+    auto_close: bool,
+) -> Result<(), JsErrorBox> {
+    let headers = header_list::from_parts(name, value, rest)?;
+    let resource = if auto_close {
+        state.resource_table.take_any(rid)
+    } else {
+        state.resource_table.get_any(rid)
+    }
+    .map_err(|e| JsErrorBox::type_error(format!("the response body is unavailable: {e}")))?;
+    let (tx, rx) = mpsc::channel(RESPONSE_CHUNK_BUFFER);
+    let bridge = bridge(state);
+    if let Some(p) = bridge.pending.borrow_mut().get_mut(&id) {
+        p.touch(id, &bridge.touched);
+    }
+    send_head(
+        state,
+        id,
+        Ok(OutgoingResponse {
+            status,
+            headers,
+            body: OutgoingBody::Stream(rx),
+        }),
+    );
+    deno_core::unsync::spawn(pipe(resource, tx, auto_close));
+    Ok(())
+}
+
+/// Reads `resource` to its end into a response body channel; stops early
+/// when the client goes away.
+async fn pipe(resource: Rc<dyn Resource>, tx: mpsc::Sender<Result<Bytes, String>>, close: bool) {
+    loop {
+        let read = tokio::select! {
+            read = resource.clone().read(PIPE_READ_SIZE) => read,
+            _ = tx.closed() => break,
+        };
+        let sent = match read {
+            // The empty chunk is the end marker (real chunks are never empty).
+            Ok(buf) if buf.is_empty() => {
+                let _ = tx.send(Ok(Bytes::new())).await;
+                break;
+            }
+            Ok(buf) => tx.send(Ok(Bytes::copy_from_slice(&buf))).await,
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string())).await;
+                break;
+            }
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
+    if close {
+        resource.close();
+    }
+}
+
 /// Writes one chunk of a streamed body. Resolves `false` when the client is
 /// gone, so JS can cancel the stream.
 #[op2]

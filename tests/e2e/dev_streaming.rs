@@ -161,3 +161,35 @@ async fn a_failing_stream_is_not_delivered_as_complete() {
     }
     dev.wait_for_log("upstream broke").await;
 }
+
+/// A handler that answers with the request's own body, unread: the host
+/// pipes the upload back without JS touching the chunks.
+#[tokio::test]
+async fn an_unread_request_body_is_echoed_whole() {
+    let dev = Dev::start(
+        &[(
+            "echo.js",
+            r#"
+            export default {
+              fetch(request) {
+                return new Response(request.body, { headers: { "x-echo": "1" } });
+              },
+            };
+            "#,
+        )],
+        &["echo.js"],
+    );
+    const SIZE: usize = 3 * 1024 * 1024 + 17;
+    let upload: Vec<u8> = (0..SIZE).map(|i| (i * 7 % 251) as u8).collect();
+    let resp = client()
+        .post(dev.url("/"))
+        .body(upload.clone())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-echo"], "1");
+    let echoed = resp.bytes().await.expect("body");
+    assert_eq!(echoed.len(), SIZE);
+    assert_eq!(Sha256::digest(&echoed), Sha256::digest(&upload));
+}

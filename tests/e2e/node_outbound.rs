@@ -41,6 +41,21 @@ async fn upstream() -> u16 {
                     let _ = conn
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 14\r\nconnection: close\r\n\r\nupstream hello")
                         .await;
+                } else if target == "/big-sized" {
+                    // The same body with its length declared: the node
+                    // pipes it to the client without JS per chunk.
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\nconnection: close\r\n\r\n"
+                    );
+                    if conn.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let body: Vec<u8> = (0..BIG).map(big_byte).collect();
+                    for chunk in body.chunks(64 * 1024) {
+                        if conn.write_all(chunk).await.is_err() {
+                            return;
+                        }
+                    }
                 } else if target == "/big" {
                     let _ = conn
                         .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
@@ -160,6 +175,7 @@ async fn via(node: &Dev, target: &str) -> (u16, String) {
 #[tokio::test]
 async fn with_the_dev_allowance_a_handler_proxies_and_streams_upstream() {
     let port = upstream().await;
+    let default_limits = node(PROXY, "[outbound]\nallow = [\"127.0.0.1\"]\n");
     // Every chunk of the 8 MiB body passes through JS streams, which costs
     // more than 50 ms of CPU in a debug build.
     let node = node(
@@ -171,19 +187,39 @@ async fn with_the_dev_allowance_a_handler_proxies_and_streams_upstream() {
         (200, "upstream hello".into())
     );
 
+    let want: Vec<u8> = (0..BIG).map(big_byte).collect();
+    // Chunked (through JS streams, counted against the response limit)
+    // and with a declared length (piped by the host).
+    for path in ["big", "big-sized"] {
+        let resp = client()
+            .get(node.url("/"))
+            .query(&[("url", format!("http://127.0.0.1:{port}/{path}"))])
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status().as_u16(), 200);
+        let body = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => panic!("the proxied body of /{path} broke: {e}\n{}", node.log()),
+        };
+        assert_eq!(body.len(), BIG, "{path}");
+        assert_eq!(
+            hex::encode(Sha256::digest(&body)),
+            hex::encode(Sha256::digest(&want)),
+            "{path}"
+        );
+    }
+
+    // With its length declared, the body is piped by the host; it arrives
+    // whole under the default limits too.
     let resp = client()
-        .get(node.url("/"))
-        .query(&[("url", format!("http://127.0.0.1:{port}/big"))])
+        .get(default_limits.url("/"))
+        .query(&[("url", format!("http://127.0.0.1:{port}/big-sized"))])
         .send()
         .await
         .expect("request");
-    assert_eq!(resp.status().as_u16(), 200);
-    let body = match resp.bytes().await {
-        Ok(b) => b,
-        Err(e) => panic!("the proxied body broke: {e}\n{}", node.log()),
-    };
-    assert_eq!(body.len(), BIG);
-    let want: Vec<u8> = (0..BIG).map(big_byte).collect();
+    assert_eq!(resp.status().as_u16(), 200, "{}", default_limits.log());
+    let body = resp.bytes().await.expect("the piped body arrives whole");
     assert_eq!(
         hex::encode(Sha256::digest(&body)),
         hex::encode(Sha256::digest(&want))
