@@ -239,11 +239,25 @@ pub fn op_atoll_respond_stream(
     #[string] rest: &str,
 ) -> Result<(), JsErrorBox> {
     let headers = header_list::from_parts(name, value, rest)?;
+    let tx = send_stream_head(state, id, status, headers);
+    if let Some(p) = bridge(state).pending.borrow_mut().get_mut(&id) {
+        p.body = Some(tx);
+    }
+    Ok(())
+}
+
+/// Sends request `id`'s response head with a body that arrives through
+/// the returned channel (an empty chunk ends it).
+fn send_stream_head(
+    state: &mut OpState,
+    id: u32,
+    status: u16,
+    headers: http::HeaderMap,
+) -> mpsc::Sender<Result<Bytes, String>> {
     let (tx, rx) = mpsc::channel(RESPONSE_CHUNK_BUFFER);
     let bridge = bridge(state);
     if let Some(p) = bridge.pending.borrow_mut().get_mut(&id) {
         p.touch(id, &bridge.touched);
-        p.body = Some(tx);
     }
     send_head(
         state,
@@ -254,7 +268,7 @@ pub fn op_atoll_respond_stream(
             body: OutgoingBody::Stream(rx),
         }),
     );
-    Ok(())
+    tx
 }
 
 /// Bytes asked of a resource per read when the host pipes it into a
@@ -285,20 +299,7 @@ pub fn op_atoll_respond_resource(
         state.resource_table.get_any(rid)
     }
     .map_err(|e| JsErrorBox::type_error(format!("the response body is unavailable: {e}")))?;
-    let (tx, rx) = mpsc::channel(RESPONSE_CHUNK_BUFFER);
-    let bridge = bridge(state);
-    if let Some(p) = bridge.pending.borrow_mut().get_mut(&id) {
-        p.touch(id, &bridge.touched);
-    }
-    send_head(
-        state,
-        id,
-        Ok(OutgoingResponse {
-            status,
-            headers,
-            body: OutgoingBody::Stream(rx),
-        }),
-    );
+    let tx = send_stream_head(state, id, status, headers);
     deno_core::unsync::spawn(pipe(resource, tx, auto_close));
     Ok(())
 }
