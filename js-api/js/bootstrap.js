@@ -827,17 +827,25 @@ function sendFastStatic(id, resp, ctx) {
   }
   // Read last: the fields above are own properties a tenant could redefine.
   const done = ctx !== null && waitUntilPromises(ctx) === null;
+  respondFull(id, 200, name, value, "", body, done);
+  return done ? FINISHED : undefined;
+}
+
+/**
+ * Sends request `id`'s response with a body known in full, a string or
+ * bytes; a lone common content type goes as its index.
+ */
+function respondFull(id, status, name, value, rest, body, done) {
   if (typeof body === "string") {
-    const typed = commonContentType(name, value);
+    const typed = rest === "" ? commonContentType(name, value) : -1;
     if (typed >= 0) {
-      op_atoll_respond_text_typed(id, 200, typed, body, done);
+      op_atoll_respond_text_typed(id, status, typed, body, done);
     } else {
-      op_atoll_respond_text(id, 200, name, value, "", body, done);
+      op_atoll_respond_text(id, status, name, value, rest, body, done);
     }
   } else {
-    op_atoll_respond(id, 200, name, value, "", body, done);
+    op_atoll_respond(id, status, name, value, rest, body, done);
   }
-  return done ? FINISHED : undefined;
 }
 
 /**
@@ -886,16 +894,7 @@ function sendResponse(id, resp, ctx = null) {
   if (!isReadableStream(src)) {
     if (src.consumed) throw new TypeError("the response body was already used");
     src.consumed = true;
-    if (typeof src.body === "string") {
-      const typed = rest === "" ? commonContentType(name, value) : -1;
-      if (typed >= 0) {
-        op_atoll_respond_text_typed(id, status, typed, src.body, done);
-      } else {
-        op_atoll_respond_text(id, status, name, value, rest, src.body, done);
-      }
-    } else {
-      op_atoll_respond(id, status, name, value, rest, src.body, done);
-    }
+    respondFull(id, status, name, value, rest, src.body, done);
     return done ? FINISHED : undefined;
   }
   // A body backed by a host resource (a fetch() response's, the request's

@@ -255,10 +255,6 @@ fn send_stream_head(
     headers: http::HeaderMap,
 ) -> mpsc::Sender<Result<Bytes, String>> {
     let (tx, rx) = mpsc::channel(RESPONSE_CHUNK_BUFFER);
-    let bridge = bridge(state);
-    if let Some(p) = bridge.pending.borrow_mut().get_mut(&id) {
-        p.touch(id, &bridge.touched);
-    }
     send_head(
         state,
         id,
