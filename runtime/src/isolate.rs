@@ -196,14 +196,18 @@ impl Isolate {
         let scope = &mut v8::ContextScope::new(scope, context);
         let dispatch = v8::Local::new(scope, &entry_points.dispatch);
         let methods = &entry_points.methods;
-        let mut left = std::mem::take(reqs).into_iter();
+        // Drained from a buffer of its own, so the ones left can go back
+        // into `reqs`; the buffer is handed back when none are (the caller
+        // reuses its capacity poll after poll).
+        let mut batch = std::mem::take(reqs);
+        let mut left = batch.drain(..);
         while let Some(req) = left.next() {
             if stopped() {
                 break;
             }
             if !starting(req.id) {
                 reqs.push(req);
-                reqs.extend(left);
+                reqs.extend(left.by_ref());
                 break;
             }
             let accepted = atoll_js_api::accept(&mut op_state.borrow_mut(), req);
@@ -244,6 +248,11 @@ impl Isolate {
                     body.close();
                 }
             }
+        }
+        // Requests left after a limit stopped the isolate are dropped here.
+        drop(left);
+        if reqs.is_empty() {
+            *reqs = batch;
         }
     }
 
