@@ -83,9 +83,9 @@ impl HeadDeadline {
 
     /// Runs `connection` until it finishes; calls `shut_down` on it (hyper's
     /// graceful shutdown) once [`HeadDeadline::drain`] is called. With a
-    /// `limit` (HTTP/1), drops it
-    /// (closing the socket) and returns `None` once the client has kept it
-    /// waiting longer than `limit` for a request head with no request active.
+    /// `limit` (HTTP/1), drops it (closing the socket) and returns `None`
+    /// once the client has kept it waiting longer than `limit` for a
+    /// request head with no request active.
     pub(crate) async fn serve<F: Future>(
         self: &Arc<Self>,
         connection: F,
