@@ -114,8 +114,9 @@ pub fn response_body(body: OutgoingBody) -> ResponseBody {
     match body {
         OutgoingBody::Empty => full(Bytes::new()),
         OutgoingBody::Full(b) => full(b),
-        OutgoingBody::Stream(rx) => ResponseBody::Stream(ChannelBody {
-            rx,
+        OutgoingBody::Stream { chunks, length } => ResponseBody::Stream(ChannelBody {
+            rx: chunks,
+            length,
             finished: false,
         }),
     }
@@ -124,6 +125,9 @@ pub fn response_body(body: OutgoingBody) -> ResponseBody {
 /// A response body fed by the handler through a channel.
 pub struct ChannelBody {
     rx: mpsc::Receiver<Result<Bytes, String>>,
+    /// Declared length: hyper sends it as `content-length` and fails the
+    /// body if the chunks come to more or less.
+    length: Option<u64>,
     finished: bool,
 }
 
@@ -159,6 +163,7 @@ impl Body for ChannelBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+        self.length
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }

@@ -81,10 +81,18 @@ pub enum OutgoingBody {
     Empty,
     /// A body known in full when the response was returned.
     Full(Bytes),
-    /// A body produced chunk by chunk by a `ReadableStream`. An empty chunk
-    /// marks the normal end; a channel that closes without it (or an `Err`)
-    /// means the body was cut short.
-    Stream(mpsc::Receiver<Result<Bytes, String>>),
+    /// A body produced chunk by chunk by a `ReadableStream`, or piped by
+    /// the host from a resource. An empty chunk marks the normal end; a
+    /// channel that closes without it (or an `Err`) means the body was cut
+    /// short.
+    Stream {
+        /// The chunks.
+        chunks: mpsc::Receiver<Result<Bytes, String>>,
+        /// The body's exact length, when its source declared one (a piped
+        /// `fetch()` body with a `content-length`): the server then sends
+        /// that length instead of chunked framing.
+        length: Option<u64>,
+    },
 }
 
 /// A handler's response.

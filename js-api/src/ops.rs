@@ -239,7 +239,7 @@ pub fn op_atoll_respond_stream(
     #[string] rest: &str,
 ) -> Result<(), JsErrorBox> {
     let headers = header_list::from_parts(name, value, rest)?;
-    let tx = send_stream_head(state, id, status, headers);
+    let tx = send_stream_head(state, id, status, headers, None);
     if let Some(p) = bridge(state).pending.borrow_mut().get_mut(&id) {
         p.body = Some(tx);
     }
@@ -247,12 +247,14 @@ pub fn op_atoll_respond_stream(
 }
 
 /// Sends request `id`'s response head with a body that arrives through
-/// the returned channel (an empty chunk ends it).
+/// the returned channel (an empty chunk ends it) and, if known, is
+/// `length` bytes long.
 fn send_stream_head(
     state: &mut OpState,
     id: u32,
     status: u16,
     headers: http::HeaderMap,
+    length: Option<u64>,
 ) -> mpsc::Sender<Result<Bytes, String>> {
     let (tx, rx) = mpsc::channel(RESPONSE_CHUNK_BUFFER);
     send_head(
@@ -261,7 +263,7 @@ fn send_stream_head(
         Ok(OutgoingResponse {
             status,
             headers,
-            body: OutgoingBody::Stream(rx),
+            body: OutgoingBody::Stream { chunks: rx, length },
         }),
     );
     tx
@@ -295,7 +297,13 @@ pub fn op_atoll_respond_resource(
         state.resource_table.get_any(rid)
     }
     .map_err(|e| JsErrorBox::type_error(format!("the response body is unavailable: {e}")))?;
-    let tx = send_stream_head(state, id, status, headers);
+    // A fetch() body with a declared length reports it exactly (a
+    // decompressed one does not): the client then gets that length too.
+    let length = match resource.size_hint() {
+        (lower, Some(upper)) if lower == upper => Some(lower),
+        _ => None,
+    };
+    let tx = send_stream_head(state, id, status, headers, length);
     deno_core::unsync::spawn(pipe(resource, tx, auto_close));
     Ok(())
 }

@@ -20,7 +20,9 @@ fn big_byte(i: usize) -> u8 {
 }
 
 /// A minimal HTTP/1.1 upstream on 127.0.0.1: `/hello`, `/big` (chunked),
-/// `/slow` (never answers), `/redirect?to=URL` (302). Returns its port.
+/// `/big-sized` (declared length), `/cut-short` (declared length, closed
+/// early), `/slow` (never answers), `/redirect?to=URL` (302). Returns its
+/// port.
 async fn upstream() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
@@ -56,6 +58,14 @@ async fn upstream() -> u16 {
                             return;
                         }
                     }
+                } else if target == "/cut-short" {
+                    // Declares the big body, sends 64 KiB of it, hangs up.
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\nconnection: close\r\n\r\n"
+                    );
+                    let part: Vec<u8> = (0..64 * 1024).map(big_byte).collect();
+                    let _ = conn.write_all(head.as_bytes()).await;
+                    let _ = conn.write_all(&part).await;
                 } else if target == "/big" {
                     let _ = conn
                         .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
@@ -203,6 +213,14 @@ async fn with_the_dev_allowance_a_handler_proxies_and_streams_upstream() {
             .await
             .expect("request");
         assert_eq!(resp.status().as_u16(), 200, "{path}\n{}", proxy.log());
+        // A declared upstream length reaches the client only through the
+        // host's pipe (JS streaming sends chunked): this shows it was taken.
+        let length = resp.headers().get("content-length").cloned();
+        if path == "big-sized" {
+            assert_eq!(length, Some(BIG.to_string().parse().unwrap()), "{path}");
+        } else {
+            assert_eq!(length, None, "{path}");
+        }
         let body = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => panic!("the proxied body of /{path} broke: {e}\n{}", proxy.log()),
@@ -214,6 +232,20 @@ async fn with_the_dev_allowance_a_handler_proxies_and_streams_upstream() {
             "{path}"
         );
     }
+
+    // An upstream that hangs up before its declared length: the client
+    // sees the body fail, never a short body passed off as complete.
+    let resp = client()
+        .get(node.url("/"))
+        .query(&[("url", format!("http://127.0.0.1:{port}/cut-short"))])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(
+        resp.bytes().await.is_err(),
+        "a cut-short body arrived whole"
+    );
 
     // Other schemes never reach the node's files.
     let (status, text) = via(&node, "file:///etc/passwd").await;
