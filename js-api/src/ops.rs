@@ -303,17 +303,55 @@ pub fn op_atoll_respond_resource(
         (lower, Some(upper)) if lower == upper => Some(lower),
         _ => None,
     };
+    // The first chunk has usually arrived with the upstream's head (or
+    // with the request's): taken now, it waits in the channel when the
+    // connection writes the head, and both leave in one send instead of
+    // the head alone and the body a turn later. A read that is not ready
+    // is not waited for: the head goes out at once, as it would anyway.
+    let mut first = resource.clone().read(PIPE_READ_SIZE);
+    let noop = &mut std::task::Context::from_waker(std::task::Waker::noop());
+    let ready = match first.as_mut().poll(noop) {
+        std::task::Poll::Ready(read) => Some(read),
+        std::task::Poll::Pending => None,
+    };
     let tx = send_stream_head(state, id, status, headers, length);
-    deno_core::unsync::spawn(pipe(resource, tx, auto_close));
+    let pending = match ready {
+        None => Some(first),
+        Some(read) => {
+            // A fresh channel has room for one chunk.
+            let (sent, done) = match read {
+                Ok(buf) if buf.is_empty() => (tx.try_send(Ok(Bytes::new())), true),
+                Ok(buf) => (tx.try_send(Ok(Bytes::copy_from_slice(&buf))), false),
+                Err(e) => (tx.try_send(Err(e.to_string())), true),
+            };
+            if done || sent.is_err() {
+                if auto_close {
+                    resource.close();
+                }
+                return Ok(());
+            }
+            None
+        }
+    };
+    deno_core::unsync::spawn(pipe(resource, tx, auto_close, pending));
     Ok(())
 }
 
-/// Reads `resource` to its end into a response body channel; stops early
-/// when the client goes away.
-async fn pipe(resource: Rc<dyn Resource>, tx: mpsc::Sender<Result<Bytes, String>>, close: bool) {
+/// Reads `resource` to its end into a response body channel, starting with
+/// the read already `pending`, if any; stops early when the client goes
+/// away.
+async fn pipe(
+    resource: Rc<dyn Resource>,
+    tx: mpsc::Sender<Result<Bytes, String>>,
+    close: bool,
+    mut pending: Option<AsyncResult<BufView>>,
+) {
     loop {
+        let next = pending
+            .take()
+            .unwrap_or_else(|| resource.clone().read(PIPE_READ_SIZE));
         let read = tokio::select! {
-            read = resource.clone().read(PIPE_READ_SIZE) => read,
+            read = next => read,
             _ = tx.closed() => break,
         };
         let sent = match read {

@@ -452,3 +452,48 @@ export default {
     let (status, text) = via(&node, &format!("http://127.0.0.1:{port}/hello")).await;
     assert_eq!((status, text.as_str()), (200, "read 14"));
 }
+
+#[tokio::test]
+async fn a_piped_body_does_not_hold_back_the_head() {
+    // An upstream that sends its head (with a declared length) and then
+    // only sends the body once the client has seen that head, as an event
+    // stream or long poll does. The node reads a first chunk early when one
+    // is ready; when none is, the head must still go out at once.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = conn
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n")
+            .await;
+        if seen_rx.await.is_ok() {
+            let _ = conn.write_all(b"later").await;
+        }
+    });
+    let node = node(PROXY, "[outbound]\nallow = [\"127.0.0.1\"]\n");
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        client()
+            .get(node.url("/"))
+            .query(&[("url", format!("http://127.0.0.1:{port}/"))])
+            .send(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the head waited for the body\n{}", node.log()))
+    .expect("request");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.content_length(), Some(5));
+    let _ = seen_tx.send(());
+    assert_eq!(resp.text().await.expect("body"), "later");
+}
