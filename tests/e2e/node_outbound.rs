@@ -19,6 +19,19 @@ fn big_byte(i: usize) -> u8 {
     (i % 251) as u8
 }
 
+/// Reads a request head from `conn`; `None` if it closes first.
+async fn read_head(conn: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&head).to_string())
+}
+
 /// A minimal HTTP/1.1 upstream on 127.0.0.1: `/hello`, `/big` (chunked),
 /// `/big-sized` (declared length), `/cut-short` (declared length, closed
 /// early), `/slow` (never answers), `/redirect?to=URL` (302). Returns its
@@ -29,15 +42,9 @@ async fn upstream() -> u16 {
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).to_string();
+                let Some(head) = read_head(&mut conn).await else {
+                    return;
+                };
                 let target = head.split(' ').nth(1).unwrap_or("/").to_string();
                 if target == "/hello" {
                     let _ = conn
@@ -172,13 +179,18 @@ export default {
 };
 "#;
 
-async fn via(node: &Dev, target: &str) -> (u16, String) {
-    let resp = client()
+/// Asks `node`'s PROXY handler for `target`.
+async fn proxied(node: &Dev, target: &str) -> reqwest::Response {
+    client()
         .get(node.url("/"))
         .query(&[("url", target)])
         .send()
         .await
-        .expect("request");
+        .expect("request")
+}
+
+async fn via(node: &Dev, target: &str) -> (u16, String) {
+    let resp = proxied(node, target).await;
     (resp.status().as_u16(), resp.text().await.expect("text"))
 }
 
@@ -206,21 +218,12 @@ async fn with_the_dev_allowance_a_handler_proxies_and_streams_upstream() {
         (&node, "big-sized"),
         (&default_limits, "big-sized"),
     ] {
-        let resp = client()
-            .get(proxy.url("/"))
-            .query(&[("url", format!("http://127.0.0.1:{port}/{path}"))])
-            .send()
-            .await
-            .expect("request");
+        let resp = proxied(proxy, &format!("http://127.0.0.1:{port}/{path}")).await;
         assert_eq!(resp.status().as_u16(), 200, "{path}\n{}", proxy.log());
         // A declared upstream length reaches the client only through the
         // host's pipe (JS streaming sends chunked): this shows it was taken.
-        let length = resp.headers().get("content-length").cloned();
-        if path == "big-sized" {
-            assert_eq!(length, Some(BIG.to_string().parse().unwrap()), "{path}");
-        } else {
-            assert_eq!(length, None, "{path}");
-        }
+        let declared = (path == "big-sized").then_some(BIG as u64);
+        assert_eq!(resp.content_length(), declared, "{path}");
         let body = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => panic!("the proxied body of /{path} broke: {e}\n{}", proxy.log()),
@@ -235,12 +238,7 @@ async fn with_the_dev_allowance_a_handler_proxies_and_streams_upstream() {
 
     // An upstream that hangs up before its declared length: the client
     // sees the body fail, never a short body passed off as complete.
-    let resp = client()
-        .get(node.url("/"))
-        .query(&[("url", format!("http://127.0.0.1:{port}/cut-short"))])
-        .send()
-        .await
-        .expect("request");
+    let resp = proxied(&node, &format!("http://127.0.0.1:{port}/cut-short")).await;
     assert_eq!(resp.status().as_u16(), 200);
     assert!(
         resp.bytes().await.is_err(),
@@ -466,13 +464,8 @@ async fn a_piped_body_does_not_hold_back_the_head() {
         let Ok((mut conn, _)) = listener.accept().await else {
             return;
         };
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
+        if read_head(&mut conn).await.is_none() {
+            return;
         }
         let _ = conn
             .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n")
@@ -482,16 +475,10 @@ async fn a_piped_body_does_not_hold_back_the_head() {
         }
     });
     let node = node(PROXY, "[outbound]\nallow = [\"127.0.0.1\"]\n");
-    let resp = tokio::time::timeout(
-        Duration::from_secs(10),
-        client()
-            .get(node.url("/"))
-            .query(&[("url", format!("http://127.0.0.1:{port}/"))])
-            .send(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("the head waited for the body\n{}", node.log()))
-    .expect("request");
+    let target = format!("http://127.0.0.1:{port}/");
+    let resp = tokio::time::timeout(Duration::from_secs(10), proxied(&node, &target))
+        .await
+        .unwrap_or_else(|_| panic!("the head waited for the body\n{}", node.log()));
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(resp.content_length(), Some(5));
     let _ = seen_tx.send(());
