@@ -115,10 +115,13 @@ run() {
   start_pinned "$SERVER_CPU" "$name" "$@"
   local pid=$last_pid
   wait_up "$port" "$name"
-  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "http://127.0.0.1:$port/" >/dev/null
+  # $WRK_SCRIPT (a wrk Lua file), when set, shapes the requests.
+  local script=()
+  [ -n "${WRK_SCRIPT:-}" ] && script=(-s "$WRK_SCRIPT")
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "${script[@]}" "http://127.0.0.1:$port/" >/dev/null
   local out before after requests
   before=$(tree_ticks "$pid")
-  out=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "http://127.0.0.1:$port/")
+  out=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "${script[@]}" "http://127.0.0.1:$port/")
   after=$(tree_ticks "$pid")
   echo "$out" >&2
   rps[$name]=$(echo "$out" | awk '/^Requests\/sec:/ { print $2 }')

@@ -65,6 +65,8 @@ pub fn request_body(incoming: Incoming, max_bytes: u64) -> RequestBody {
     if incoming.is_end_stream() {
         return RequestBody::Empty;
     }
+    // hyper knows it exactly from a `content-length` header.
+    let length = incoming.size_hint().exact();
     let (tx, rx) = mpsc::channel(REQUEST_CHUNK_BUFFER);
     tokio::spawn(async move {
         let mut incoming = incoming;
@@ -99,7 +101,7 @@ pub fn request_body(incoming: Incoming, max_bytes: u64) -> RequestBody {
             }
         }
     });
-    RequestBody::Stream(rx)
+    RequestBody::Stream { chunks: rx, length }
 }
 
 /// A body from a fixed buffer.

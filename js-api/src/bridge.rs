@@ -19,7 +19,12 @@ pub enum RequestBody {
     /// No body at all (GET, HEAD, or an empty POST).
     Empty,
     /// Chunks arriving from the client, read by JS on demand.
-    Stream(BodyChunks),
+    Stream {
+        /// The chunks.
+        chunks: BodyChunks,
+        /// The declared length (`content-length`), if the client gave one.
+        length: Option<u64>,
+    },
 }
 
 /// A request's id as logs and the `x-request-id` header show it: 16
@@ -337,10 +342,10 @@ pub struct Accepted {
 pub fn accept(state: &mut deno_core::OpState, req: IncomingRequest) -> Accepted {
     let body_rid = match req.body {
         RequestBody::Empty => None,
-        RequestBody::Stream(chunks) => Some(
+        RequestBody::Stream { chunks, length } => Some(
             state
                 .resource_table
-                .add(crate::ops::RequestBodyResource::new(chunks)),
+                .add(crate::ops::RequestBodyResource::new(chunks, length)),
         ),
     };
     state.borrow::<HostBridge>().pending.borrow_mut().insert(

@@ -26,14 +26,17 @@ pub(crate) struct RequestBodyResource {
     chunks: AsyncRefCell<BodyChunks>,
     /// Bytes of a chunk larger than the reader's buffer, kept for the next read.
     leftover: RefCell<Option<Bytes>>,
+    /// The declared length, if any.
+    length: Option<u64>,
     cancel: CancelHandle,
 }
 
 impl RequestBodyResource {
-    pub(crate) fn new(chunks: BodyChunks) -> Self {
+    pub(crate) fn new(chunks: BodyChunks, length: Option<u64>) -> Self {
         RequestBodyResource {
             chunks: AsyncRefCell::new(chunks),
             leftover: RefCell::new(None),
+            length,
             cancel: CancelHandle::new(),
         }
     }
@@ -78,6 +81,16 @@ impl Resource for RequestBodyResource {
                 Ok(BufView::from(chunk))
             }
         })
+    }
+
+    /// The declared length, exact: `req.text()` and friends (deno_core's
+    /// read-all) then size their buffer to the body instead of starting at
+    /// a zeroed 64 KiB and growing it, and a piped echo keeps the length.
+    fn size_hint(&self) -> (u64, Option<u64>) {
+        match self.length {
+            Some(n) => (n, Some(n)),
+            None => (0, None),
+        }
     }
 
     fn close(self: Rc<Self>) {

@@ -189,6 +189,8 @@ async fn an_unread_request_body_is_echoed_whole() {
         .expect("request");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-echo"], "1");
+    // The upload's declared length carries over to the piped echo.
+    assert_eq!(resp.content_length(), Some(SIZE as u64));
     let echoed = resp.bytes().await.expect("body");
     assert_eq!(echoed.len(), SIZE);
     assert_eq!(Sha256::digest(&echoed), Sha256::digest(&upload));
