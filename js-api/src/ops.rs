@@ -331,13 +331,9 @@ pub fn op_atoll_respond_resource(
     let pending = match ready {
         None => Some(first),
         Some(read) => {
+            let (message, last) = body_message(read);
             // A fresh channel has room for one chunk.
-            let (sent, done) = match read {
-                Ok(buf) if buf.is_empty() => (tx.try_send(Ok(Bytes::new())), true),
-                Ok(buf) => (tx.try_send(Ok(Bytes::copy_from_slice(&buf))), false),
-                Err(e) => (tx.try_send(Err(e.to_string())), true),
-            };
-            if done || sent.is_err() {
+            if tx.try_send(message).is_err() || last {
                 if auto_close {
                     resource.close();
                 }
@@ -367,24 +363,25 @@ async fn pipe(
             read = next => read,
             _ = tx.closed() => break,
         };
-        let sent = match read {
-            // The empty chunk is the end marker (real chunks are never empty).
-            Ok(buf) if buf.is_empty() => {
-                let _ = tx.send(Ok(Bytes::new())).await;
-                break;
-            }
-            Ok(buf) => tx.send(Ok(Bytes::copy_from_slice(&buf))).await,
-            Err(e) => {
-                let _ = tx.send(Err(e.to_string())).await;
-                break;
-            }
-        };
-        if sent.is_err() {
+        let (message, last) = body_message(read);
+        if tx.send(message).await.is_err() || last {
             break;
         }
     }
     if close {
         resource.close();
+    }
+}
+
+/// What one read of a piped resource sends into the response body channel,
+/// and whether it ends the body: the end of the resource becomes the empty
+/// end marker (real chunks are never empty), an error becomes the body's
+/// failure.
+fn body_message(read: Result<BufView, JsErrorBox>) -> (Result<Bytes, String>, bool) {
+    match read {
+        Ok(buf) if buf.is_empty() => (Ok(Bytes::new()), true),
+        Ok(buf) => (Ok(Bytes::copy_from_slice(&buf)), false),
+        Err(e) => (Err(e.to_string()), true),
     }
 }
 
