@@ -13,6 +13,7 @@ use deno_core::{JsRuntime, RuntimeOptions, v8};
 use crate::deployment::Deployment;
 use crate::extensions::extensions;
 use crate::module_loader::BundleLoader;
+use crate::running_request::RequestSampler;
 use crate::snapshot::{RESIDUAL_LAZY_ESM, RESIDUAL_LAZY_JS, SNAPSHOT};
 
 /// Event-loop turns a pooled isolate gets to finish its warm-up boot.
@@ -34,6 +35,9 @@ pub(crate) struct Isolate {
     entry_points: Option<EntryPoints>,
     loader: Rc<BundleLoader>,
     owner: Rc<RefCell<Option<Arc<Deployment>>>>,
+    /// What the CPU watchdog's interrupts point at. After `js`, so it is
+    /// dropped only once the isolate is, with any interrupt still pending.
+    pub(crate) sampler: Option<Box<RequestSampler>>,
 }
 
 impl Isolate {
@@ -146,6 +150,7 @@ impl Isolate {
                 }
             }
         }
+        let sampler = RequestSampler::new(&mut js);
         // V8 tracks one "current" isolate per thread and a new isolate is
         // entered on creation. Many isolates share this thread, so each is
         // entered only while it runs (see `Isolate::run`), never left entered.
@@ -160,6 +165,7 @@ impl Isolate {
             entry_points,
             loader,
             owner,
+            sampler,
         }
     }
 

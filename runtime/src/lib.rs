@@ -13,6 +13,7 @@ mod isolate;
 mod limits;
 mod module_loader;
 mod outbound;
+mod running_request;
 mod snapshot;
 mod tenant;
 mod worker;

@@ -91,7 +91,24 @@ struct Armed {
     deadline: Duration,
     isolate: v8::IsolateHandle,
     fired: Arc<AtomicBool>,
+    sample: Option<Interrupt>,
 }
+
+/// A V8 interrupt the watchdog requests on the armed isolate at each
+/// sample that finds it within its deadline, so the isolate's thread can
+/// see whose code is running and charge the CPU since the last sample.
+#[derive(Clone, Copy)]
+pub struct Interrupt {
+    /// Runs on the isolate's thread, between two steps of its JS.
+    pub callback: unsafe extern "C" fn(v8::UnsafeRawIsolatePtr, *mut std::ffi::c_void),
+    /// Passed to `callback`; must stay valid for as long as the isolate
+    /// lives (an interrupt runs whenever the isolate next runs JS).
+    pub data: *mut std::ffi::c_void,
+}
+
+// SAFETY: the watchdog thread only hands `data` back to V8, which passes it
+// to `callback` on the isolate's own thread; it never dereferences it.
+unsafe impl Send for Interrupt {}
 
 /// One worker thread's slot in the watchdog.
 pub struct CpuWatch {
@@ -200,6 +217,7 @@ impl CpuWatch {
             deadline: now + budget,
             isolate,
             fired,
+            sample: None,
         });
         // Pairs with the fence in `watch`: either it sees this deadline or
         // this sees that it sleeps. A smaller limit than any before also
@@ -216,6 +234,24 @@ impl CpuWatch {
     pub fn rearm(&self, deadline: Duration) {
         if let Some(a) = lock(&self.armed).as_mut() {
             a.deadline = deadline;
+        }
+    }
+
+    /// From now until disarmed, each sample requests `interrupt` on the
+    /// armed isolate, and the deadline is enforced one sample period late:
+    /// the interrupt may find the CPU since the last sample to be one
+    /// request's own and move the deadline (see [`CpuWatch::extend`]).
+    pub fn sample(&self, interrupt: Interrupt) {
+        if let Some(a) = lock(&self.armed).as_mut() {
+            a.sample = Some(interrupt);
+        }
+    }
+
+    /// Moves the armed deadline `by` later, as when CPU counted against it
+    /// turns out to be one request's, charged to that request's own budget.
+    pub fn extend(&self, by: Duration) {
+        if let Some(a) = lock(&self.armed).as_mut() {
+            a.deadline += by;
         }
     }
 
@@ -246,15 +282,27 @@ fn watch(shared: Arc<Shared>) {
             let Some(a) = armed.as_ref() else { continue };
             any_armed = true;
             let used = clock_time(slot.clock);
-            if used >= a.deadline {
+            // While sampling, the interrupt of the last sample has had a
+            // period to move the deadline.
+            let deadline = a.deadline
+                + if a.sample.is_some() {
+                    period
+                } else {
+                    Duration::ZERO
+                };
+            if used >= deadline {
                 if let Some(a) = armed.take() {
                     a.fired.store(true, Ordering::SeqCst);
                     a.isolate.terminate_execution();
                 }
             } else {
+                if let Some(i) = a.sample {
+                    // Fails only once the isolate is gone.
+                    let _ = a.isolate.request_interrupt(i.callback, i.data);
+                }
                 // A CPU clock cannot run faster than the wall clock: the
                 // deadline cannot pass before `deadline - used` from now.
-                next_sample = next_sample.min((a.deadline - used).max(SAMPLE_MIN));
+                next_sample = next_sample.min((deadline - used).max(SAMPLE_MIN));
             }
         }
         idle = if any_armed {

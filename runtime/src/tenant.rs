@@ -25,6 +25,7 @@ use crate::HttpRequest;
 use crate::deployment::Deployment;
 use crate::isolate::Isolate;
 use crate::limits::{CpuWatch, thread_cpu_time};
+use crate::running_request::OnSample;
 
 /// How often deadlines are checked while requests are in flight.
 const WALL_CHECK_EVERY: Duration = Duration::from_millis(20);
@@ -340,6 +341,18 @@ async fn drive(
     // a poll, and the requests whose code called into the host.
     let mut charges: Vec<(u32, Duration)> = Vec::new();
     let mut touched: Vec<u32> = Vec::new();
+    let phase = Rc::new(RefCell::new(LoopPhase::default()));
+    let sample = isolate.sampler.as_ref().map(|sampler| {
+        sampler.set_handler(charge_samples(
+            phase.clone(),
+            state.clone(),
+            watch.clone(),
+            handle.clone(),
+            terminated.clone(),
+            limits.cpu_per_request,
+        ));
+        sampler.interrupt()
+    });
 
     let mut yields_left = 0u8;
     poll_fn(|cx| {
@@ -384,7 +397,7 @@ async fn drive(
             limits.cpu_per_request
         };
         watch.arm(t0, budget, limit, handle.clone(), terminated.clone());
-        let sample = memory_sampled.is_none_or(|at| at.elapsed() >= MEMORY_SAMPLE_EVERY);
+        let measure = memory_sampled.is_none_or(|at| at.elapsed() >= MEMORY_SAMPLE_EVERY);
         let (polled, memory) = isolate.run(|iso| {
             let heap_exceeded = iso.heap_exceeded.clone();
             let stopped =
@@ -397,6 +410,8 @@ async fn drive(
             // time since the poll began. Its own CPU is charged as its share
             // of the batch's CPU, by the wall time its call took.
             let mut current: Option<(u32, Instant)> = None;
+            // This thread's CPU time when the event loop's turn begins.
+            let mut loop_start = t0;
             iso.deliver_all(&mut admitted, &stopped, &mut |id| {
                 let now = Instant::now();
                 if current.is_some() && now - wall0 >= DELIVERY_SLICE {
@@ -427,7 +442,8 @@ async fn drive(
                 // Time the thread spent preempted is in the wall times but
                 // is no handler's CPU: scale them down to what the calls used.
                 let wall: Duration = charges.iter().map(|(_, took)| *took).sum();
-                let cpu = thread_cpu_time().saturating_sub(t0);
+                loop_start = thread_cpu_time();
+                let cpu = loop_start.saturating_sub(t0);
                 if cpu < wall {
                     let scale = cpu.as_secs_f64() / wall.as_secs_f64();
                     for (_, took) in &mut charges {
@@ -453,10 +469,22 @@ async fn drive(
             if stopped() {
                 return (Poll::Pending, None);
             }
+            // The turn runs continuations of requests in flight: samples
+            // charge each its own CPU.
+            let sampling = booted.is_none() && !idle;
+            if let Some(interrupt) = sample.filter(|_| sampling) {
+                *phase.borrow_mut() = LoopPhase {
+                    active: true,
+                    last: loop_start,
+                    attributed: Duration::ZERO,
+                };
+                watch.sample(interrupt);
+            }
             let polled = iso.js.poll_event_loop(cx, PollEventLoopOptions::default());
-            (polled, sample.then(|| iso.memory()))
+            phase.borrow_mut().active = false;
+            (polled, measure.then(|| iso.memory()))
         });
-        if sample {
+        if measure {
             memory_sampled = Some(Instant::now());
         }
         watch.disarm();
@@ -480,13 +508,17 @@ async fn drive(
             } else if idle {
                 st.idle_cpu += used;
             } else {
-                // Delivered handlers were charged above. The rest of the
-                // poll ran continuations and timers: it goes to the requests
-                // whose code called into the host meanwhile (or, if none
-                // did, to all in flight), split between them, so a request
-                // that only waits is not charged for the others' work.
+                // Delivered handlers were charged above, and the samples of
+                // the event loop's turn to the requests they found running.
+                // The rest of the turn ran continuations and timers: it goes
+                // to the requests whose code called into the host meanwhile
+                // (or, if none did, to all in flight), split between them,
+                // so a request that only waits is not charged for the
+                // others' work.
                 let delivered: Duration = charges.iter().map(|(_, took)| *took).sum();
-                let rest = used.saturating_sub(delivered);
+                let rest = used
+                    .saturating_sub(delivered)
+                    .saturating_sub(phase.borrow().attributed);
                 let ran = touched
                     .iter()
                     .filter(|id| st.in_flight.contains_key(id))
@@ -656,6 +688,59 @@ async fn drive(
         Poll::Pending
     })
     .await
+}
+
+/// Where the samples of an event loop's turn stand.
+#[derive(Default)]
+struct LoopPhase {
+    /// The turn is running: samples count.
+    active: bool,
+    /// This thread's CPU time at the turn's start or its last sample.
+    last: Duration,
+    /// CPU charged by samples to the requests they found running.
+    attributed: Duration,
+}
+
+/// Charges the CPU since the last sample of an event loop's turn to the
+/// request in flight whose code is running, and ends the isolate if that
+/// takes the request past `limit`. Moves the watchdog's deadline for the
+/// turn, which bounds what no sample could put on one request, by what it
+/// charges. Time found running no request in flight stays against that
+/// deadline.
+fn charge_samples(
+    phase: Rc<RefCell<LoopPhase>>,
+    state: Rc<RefCell<SlotState>>,
+    watch: Arc<CpuWatch>,
+    isolate: deno_core::v8::IsolateHandle,
+    terminated: Arc<AtomicBool>,
+    limit: Duration,
+) -> OnSample {
+    Box::new(move |id| {
+        let Ok(mut phase) = phase.try_borrow_mut() else {
+            return;
+        };
+        if !phase.active {
+            // Requested during an earlier turn and run only now, outside one.
+            return;
+        }
+        let now = thread_cpu_time();
+        let took = now.saturating_sub(phase.last);
+        phase.last = now;
+        let Ok(mut st) = state.try_borrow_mut() else {
+            return;
+        };
+        let Some(f) = st.in_flight.get_mut(&id) else {
+            return;
+        };
+        f.cpu += took;
+        phase.attributed += took;
+        if f.cpu >= limit {
+            terminated.store(true, Ordering::SeqCst);
+            isolate.terminate_execution();
+        } else {
+            watch.extend(took);
+        }
+    })
 }
 
 /// Wakes the task of `cx` once the thread has polled its sockets and run

@@ -296,3 +296,42 @@ async fn a_waiting_request_is_not_charged_for_other_requests_cpu() {
     }
     assert!(!dev.log().contains("CPU time limit"), "{}", dev.log());
 }
+
+#[tokio::test]
+async fn continuations_that_resume_together_each_have_their_own_budget() {
+    let dev = Dev::start(
+        &[(
+            "gate.js",
+            r#"
+            // Every request waits for one timer, so all their continuations
+            // run in the same turn of the event loop.
+            let gate;
+            export default {
+              async fetch(request) {
+                gate ??= new Promise((resolve) => setTimeout(resolve, 600));
+                await gate;
+                if (new URL(request.url).pathname === "/runaway") { for (;;) {} }
+                // 15 ms of CPU each: together more than twice the limit.
+                const end = Date.now() + 15;
+                while (Date.now() < end) {}
+                return new Response("burned");
+              },
+            };
+            "#,
+        )],
+        &["gate.js", "--cpu-ms", "50"],
+    );
+    let c = client();
+    let burns: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(c.get(dev.url("/burn")).send()))
+        .collect();
+    for (i, burn) in burns.into_iter().enumerate() {
+        let resp = burn.await.expect("task").expect("request");
+        assert_eq!(resp.status(), 200, "burn {i}: {}", dev.log());
+    }
+    assert!(!dev.log().contains("CPU time limit"), "{}", dev.log());
+    // A continuation that never yields is still stopped, and named.
+    let resp = c.get(dev.url("/runaway")).send().await.expect("request");
+    assert_eq!(resp.status(), 503);
+    assert!(resp.text().await.expect("text").contains("CPU time limit"));
+}
