@@ -257,7 +257,8 @@ async fn run(
     cpu_counter: Rc<Cell<Duration>>,
 ) {
     let end = EndGuard(state.clone());
-    let (kind, detail) = drive(&mut isolate, &deployment, &state, &watch, &cpu_counter).await;
+    let (kind, detail, culprit) =
+        drive(&mut isolate, &deployment, &state, &watch, &cpu_counter).await;
     {
         // Requests that waited for the module to load share its failure.
         let mut st = state.borrow_mut();
@@ -279,7 +280,20 @@ async fn run(
     {
         let op_state = isolate.js.op_state();
         let op_state = op_state.borrow();
-        op_state.borrow::<HostBridge>().fail_all(kind, &detail);
+        let bridge = op_state.borrow::<HostBridge>();
+        if let Some(id) = culprit {
+            // The others did nothing wrong: tell their clients so.
+            bridge.fail_one(id, kind, &detail);
+            bridge.fail_all(
+                kind,
+                &format!(
+                    "{detail} by another request running in the same isolate; \
+                     this one was ended with it"
+                ),
+            );
+        } else {
+            bridge.fail_all(kind, &detail);
+        }
     }
     if kind == FailureKind::Unavailable {
         // Retired or evicted while idle, typically by the cold start of
@@ -312,14 +326,15 @@ impl Drop for EndGuard {
     }
 }
 
-/// Runs the isolate until it ends; returns why.
+/// Runs the isolate until it ends; returns why, and the request that
+/// overran its CPU limit when that ended it and the request is known.
 async fn drive(
     isolate: &mut Isolate,
     deployment: &Arc<Deployment>,
     state: &Rc<RefCell<SlotState>>,
     watch: &Arc<CpuWatch>,
     cpu_counter: &Rc<Cell<Duration>>,
-) -> (FailureKind, String) {
+) -> (FailureKind, String, Option<u32>) {
     let limits = deployment.limits;
     let mut admitted = Vec::new();
     let (_, booted_placeholder) = oneshot::channel();
@@ -328,7 +343,7 @@ async fn drive(
         booted_placeholder,
     ));
     if let Err(e) = isolate.boot(deployment) {
-        return (FailureKind::Startup, e);
+        return (FailureKind::Startup, e, None);
     }
     let terminated = Arc::new(AtomicBool::new(false));
     // Top-level code may await; its CPU is summed over all boot polls.
@@ -355,7 +370,8 @@ async fn drive(
     });
 
     let mut yields_left = 0u8;
-    poll_fn(|cx| {
+    let mut culprit = None;
+    let (kind, detail) = poll_fn(|cx| {
         if yields_left > 0 {
             yields_left -= 1;
             defer_wake(cx);
@@ -436,6 +452,10 @@ async fn drive(
                     st.queue.push_front(Queued { incoming, deadline });
                 }
             }
+            if stopped() {
+                // A limit ended the handler delivered last.
+                culprit = current.map(|(id, _)| id);
+            }
             if let Some((last, since)) = current {
                 let now = Instant::now();
                 charges.push((last, now - since));
@@ -477,6 +497,7 @@ async fn drive(
                     active: true,
                     last: loop_start,
                     attributed: Duration::ZERO,
+                    overran: None,
                 };
                 watch.sample(interrupt);
             }
@@ -566,6 +587,7 @@ async fn drive(
                     limits.cpu_per_request.as_millis()
                 )
             };
+            culprit = culprit.or(phase.borrow().overran);
             return Poll::Ready((FailureKind::CpuLimit, what));
         }
         if let Some(rx) = booted.as_mut() {
@@ -687,7 +709,9 @@ async fn drive(
         }
         Poll::Pending
     })
-    .await
+    .await;
+    let culprit = culprit.filter(|_| kind == FailureKind::CpuLimit);
+    (kind, detail, culprit)
 }
 
 /// Where the samples of an event loop's turn stand.
@@ -699,6 +723,8 @@ struct LoopPhase {
     last: Duration,
     /// CPU charged by samples to the requests they found running.
     attributed: Duration,
+    /// The request a sample took past its limit.
+    overran: Option<u32>,
 }
 
 /// Charges the CPU since the last sample of an event loop's turn to the
@@ -735,6 +761,7 @@ fn charge_samples(
         f.cpu += took;
         phase.attributed += took;
         if f.cpu >= limit {
+            phase.overran = Some(id);
             terminated.store(true, Ordering::SeqCst);
             isolate.terminate_execution();
         } else {

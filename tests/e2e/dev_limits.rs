@@ -308,9 +308,14 @@ async fn continuations_that_resume_together_each_have_their_own_budget() {
             let gate;
             export default {
               async fetch(request) {
+                const path = new URL(request.url).pathname;
+                if (path === "/wait") {
+                  await new Promise((resolve) => setTimeout(resolve, 5000));
+                  return new Response("waited");
+                }
                 gate ??= new Promise((resolve) => setTimeout(resolve, 600));
                 await gate;
-                if (new URL(request.url).pathname === "/runaway") { for (;;) {} }
+                if (path === "/runaway") { for (;;) {} }
                 // 15 ms of CPU each: together more than twice the limit.
                 const end = Date.now() + 15;
                 while (Date.now() < end) {}
@@ -330,8 +335,32 @@ async fn continuations_that_resume_together_each_have_their_own_budget() {
         assert_eq!(resp.status(), 200, "burn {i}: {}", dev.log());
     }
     assert!(!dev.log().contains("CPU time limit"), "{}", dev.log());
-    // A continuation that never yields is still stopped, and named.
+    // A continuation that never yields is still stopped. A request that
+    // was only waiting in the same isolate ends with it, and the log says
+    // which of them was at fault.
+    let waiting = tokio::spawn(c.get(dev.url("/wait")).send());
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let resp = c.get(dev.url("/runaway")).send().await.expect("request");
     assert_eq!(resp.status(), 503);
     assert!(resp.text().await.expect("text").contains("CPU time limit"));
+    let resp = waiting.await.expect("task").expect("request");
+    assert_eq!(resp.status(), 503);
+    dev.wait_for_log("GET /runaway 503").await;
+    dev.wait_for_log("GET /wait 503").await;
+    let log = dev.log();
+    let line = |path: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!("GET {path} 503")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        line("/runaway").contains("CPU time limit of 50 ms per request exceeded"),
+        "{log}"
+    );
+    assert!(!line("/runaway").contains("another request"), "{log}");
+    assert!(
+        line("/wait").contains("by another request running in the same isolate"),
+        "{log}"
+    );
 }
