@@ -3,14 +3,10 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use atoll_runtime::{OutgoingBody, RequestBody};
+use atoll_runtime::{ChunkSource, OutgoingBody, RequestBody};
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::mpsc;
-
-/// Chunks of request body allowed to wait for the handler to read them.
-const REQUEST_CHUNK_BUFFER: usize = 4;
 
 /// Why a response body stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -59,49 +55,74 @@ impl Body for ResponseBody {
     }
 }
 
-/// Forwards an incoming body into a channel the handler reads from, cutting
-/// it off with an error past `max_bytes`.
+/// The request body as the handler reads it: straight from hyper, cut
+/// off with an error past `max_bytes`.
 pub fn request_body(incoming: Incoming, max_bytes: u64) -> RequestBody {
     if incoming.is_end_stream() {
         return RequestBody::Empty;
     }
     // hyper knows it exactly from a `content-length` header.
     let length = incoming.size_hint().exact();
-    let (tx, rx) = mpsc::channel(REQUEST_CHUNK_BUFFER);
-    tokio::spawn(async move {
-        let mut incoming = incoming;
-        let mut total: u64 = 0;
-        loop {
-            match incoming.frame().await {
-                None => break,
+    RequestBody::Stream {
+        chunks: Box::pin(IncomingChunks {
+            incoming,
+            received: 0,
+            max_bytes,
+            done: false,
+        }),
+        length,
+    }
+}
+
+/// hyper's body of a request, read as the handler asks for chunks: hyper
+/// takes more from the socket only then, so a handler that reads slowly
+/// slows the client down.
+struct IncomingChunks {
+    incoming: Incoming,
+    received: u64,
+    max_bytes: u64,
+    done: bool,
+}
+
+impl ChunkSource for IncomingChunks {
+    fn poll_chunk(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, String>>> {
+        let this = self.get_mut();
+        while !this.done {
+            let frame = match Pin::new(&mut this.incoming).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(frame) => frame,
+            };
+            match frame {
+                None => this.done = true,
                 Some(Ok(frame)) => {
+                    // Trailers are not passed on.
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
                     if data.is_empty() {
                         continue;
                     }
-                    total += data.len() as u64;
-                    if total > max_bytes {
-                        let _ = tx
-                            .send(Err(format!(
-                                "the request body is larger than the limit of {max_bytes} bytes"
-                            )))
-                            .await;
-                        break;
+                    this.received += data.len() as u64;
+                    if this.received > this.max_bytes {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(format!(
+                            "the request body is larger than the limit of {} bytes",
+                            this.max_bytes
+                        ))));
                     }
-                    if tx.send(Ok(data)).await.is_err() {
-                        break; // the handler stopped reading
-                    }
+                    return Poll::Ready(Some(Ok(data)));
                 }
                 Some(Err(e)) => {
-                    let _ = tx.send(Err(e.to_string())).await;
-                    break;
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e.to_string())));
                 }
             }
         }
-    });
-    RequestBody::Stream { chunks: rx, length }
+        Poll::Ready(None)
+    }
 }
 
 /// A body from a fixed buffer.

@@ -6,13 +6,25 @@
 
 use rustc_hash::FxHashMap;
 use std::cell::RefCell;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-/// A chunk of a request body as produced by the host's HTTP server.
-pub type BodyChunks = mpsc::Receiver<Result<Bytes, String>>;
+/// Where a request body's chunks come from: the host's HTTP server, read
+/// directly as the handler asks, with no task or channel in between.
+pub trait ChunkSource: Send {
+    /// The next chunk, or `None` at the end of the body; an error ends it.
+    fn poll_chunk(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, String>>>;
+}
+
+/// A request body's chunks.
+pub type BodyChunks = Pin<Box<dyn ChunkSource>>;
 
 /// The body of an incoming request.
 pub enum RequestBody {

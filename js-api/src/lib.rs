@@ -10,9 +10,9 @@ mod header_list;
 mod ops;
 
 pub use bridge::{
-    Accepted, BodyChunks, FailureKind, FetchLimits, HandlerError, HostBridge, HostHandle,
-    IncomingRequest, LogLine, LogSink, OutgoingBody, OutgoingResponse, RequestBody, RequestId,
-    Stage, accept,
+    Accepted, BodyChunks, ChunkSource, FailureKind, FetchLimits, HandlerError, HostBridge,
+    HostHandle, IncomingRequest, LogLine, LogSink, OutgoingBody, OutgoingResponse, RequestBody,
+    RequestId, Stage, accept,
 };
 
 deno_core::extension!(

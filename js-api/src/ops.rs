@@ -56,8 +56,7 @@ impl Resource for RequestBodyResource {
                 None => {
                     let mut chunks = RcRef::map(&self, |r| &r.chunks).borrow_mut().await;
                     let cancel = RcRef::map(&self, |r| &r.cancel);
-                    let received = chunks
-                        .recv()
+                    let received = std::future::poll_fn(|cx| (*chunks).as_mut().poll_chunk(cx))
                         .or_cancel(cancel)
                         .await
                         .map_err(|_| JsErrorBox::generic("request body read was cancelled"))?;

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 pub use atoll_js_api::{
-    FailureKind, FetchLimits, OutgoingBody, OutgoingResponse, RequestBody, RequestId,
+    ChunkSource, FailureKind, FetchLimits, OutgoingBody, OutgoingResponse, RequestBody, RequestId,
 };
 pub use atoll_protocol::Bundle;
 pub use deno_core::ByteString;
