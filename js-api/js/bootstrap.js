@@ -22,12 +22,20 @@ import {
 } from "ext:core/ops";
 
 const {
+  ArrayPrototypeIndexOf,
   ArrayPrototypePush,
+  ArrayPrototypeShift,
   ArrayPrototypeSlice,
+  ArrayPrototypeSplice,
+  ArrayPrototypeUnshift,
   Error,
   ErrorPrototype,
   FunctionPrototypeCall,
   JSONParse,
+  MapPrototypeDelete,
+  MapPrototypeGet,
+  MapPrototypeHas,
+  MapPrototypeSet,
   NumberParseFloat,
   ObjectDefineProperties,
   ObjectDefineProperty,
@@ -40,6 +48,7 @@ const {
   PromiseReject,
   PromiseResolve,
   ReflectApply,
+  SafeMap,
   SafePromiseAllSettled,
   String,
   StringPrototypeEndsWith,
@@ -323,23 +332,43 @@ function currentRequestId() {
 const innerFetch = fetchMod.fetch;
 // Taken before tenant code runs, which may replace the prototype's method.
 const ReadableStreamPrototypePipeThrough = streams.ReadableStreamPrototype.pipeThrough;
+/**
+ * Fetches waiting for a connection slot, by request id, oldest first. As on
+ * Workers, a request may have 6 fetches waiting for their response head at
+ * once; more wait here (rather than fail) until one of those has its head.
+ */
+const slotQueues = new SafeMap();
+
 /** `fetch()` as handlers see it. */
 function fetch(input, init = undefined) {
   const id = currentRequestId();
+  if (!MapPrototypeHas(slotQueues, id)) {
+    const started = startFetch(id, input, init);
+    if (started !== undefined) return started;
+  }
+  return waitForSlot(id, input, init);
+}
+
+/**
+ * Starts a fetch for request `id`; undefined, having started nothing, when
+ * all of the request's connection slots are waiting for a response head.
+ */
+function startFetch(id, input, init) {
   const refusal = op_atoll_fetch_begin(id);
+  if (refusal === SLOTS_FULL) return undefined;
   if (refusal !== "") return PromiseReject(new TypeError(refusal));
   let pending;
   try {
     pending = innerFetch(input, init);
   } catch (e) {
-    op_atoll_fetch_end(id, -1);
+    endFetch(id, -1);
     return PromiseReject(e);
   }
   return PromisePrototypeThen(
     pending,
     (response) => {
       const declared = response.headers.get("content-length");
-      const refused = op_atoll_fetch_end(id, declared === null ? -1 : NumberParseFloat(declared));
+      const refused = endFetch(id, declared === null ? -1 : NumberParseFloat(declared));
       if (refused !== "") {
         response.body?.cancel();
         throw new TypeError(refused);
@@ -350,10 +379,70 @@ function fetch(input, init = undefined) {
       return response;
     },
     (e) => {
-      op_atoll_fetch_end(id, -1);
+      endFetch(id, -1);
       throw withCause(e);
     },
   );
+}
+
+/** What `op_atoll_fetch_begin` answers when every slot is taken. */
+const SLOTS_FULL = "slots full";
+
+/** Ends a fetch of request `id`; its slot goes to the oldest waiting one. */
+function endFetch(id, declaredLength) {
+  const refused = op_atoll_fetch_end(id, declaredLength);
+  const queue = MapPrototypeGet(slotQueues, id);
+  // Start waiting fetches while slots are free (one refused by another
+  // limit takes none).
+  while (queue !== undefined && queue.length > 0) {
+    const next = ArrayPrototypeShift(queue);
+    const started = startFetch(id, next.input, next.init);
+    if (started === undefined) {
+      ArrayPrototypeUnshift(queue, next);
+      break;
+    }
+    next.signal?.[abortSignal.remove](next.onAbort);
+    next.resolve(started);
+  }
+  if (queue?.length === 0 && MapPrototypeGet(slotQueues, id) === queue) {
+    MapPrototypeDelete(slotQueues, id);
+  }
+  return refused;
+}
+
+/**
+ * Queues a fetch of request `id` until one of its slots frees; rejects at
+ * once if its signal aborts meanwhile.
+ */
+function waitForSlot(id, input, init) {
+  let queue = MapPrototypeGet(slotQueues, id);
+  if (queue === undefined) {
+    queue = [];
+    MapPrototypeSet(slotQueues, id, queue);
+  }
+  const signal = init?.signal ??
+    (ObjectPrototypeIsPrototypeOf(request.RequestPrototype, input) ? input.signal : undefined);
+  return new Promise((resolve, reject) => {
+    const waiter = { input, init, resolve, signal: null, onAbort: null };
+    if (ObjectPrototypeIsPrototypeOf(abortSignal.AbortSignalPrototype, signal)) {
+      if (signal.aborted) {
+        reject(signal.reason);
+        return;
+      }
+      waiter.signal = signal;
+      waiter.onAbort = () => {
+        const at = ArrayPrototypeIndexOf(queue, waiter);
+        if (at === -1) return;
+        ArrayPrototypeSplice(queue, at, 1);
+        if (queue.length === 0 && MapPrototypeGet(slotQueues, id) === queue) {
+          MapPrototypeDelete(slotQueues, id);
+        }
+        reject(signal.reason);
+      };
+      signal[abortSignal.add](waiter.onAbort);
+    }
+    ArrayPrototypePush(queue, waiter);
+  });
 }
 
 /**

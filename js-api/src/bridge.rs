@@ -198,7 +198,8 @@ impl Pending {
 pub struct FetchLimits {
     /// Subrequests per request (Workers: 50).
     pub subrequests: usize,
-    /// Fetches waiting for their response at once (Workers: 6 connections).
+    /// Fetches waiting for their response head at once (Workers: 6
+    /// connections); more wait for one of them to get its head.
     pub concurrent: usize,
     /// Largest declared response body.
     pub response_bytes: u64,

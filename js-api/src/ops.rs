@@ -491,7 +491,12 @@ pub fn op_atoll_log(state: &mut OpState, #[smi] level: u8, id: u32, #[string] me
     });
 }
 
-/// Admits a `fetch()` of request `id`; returns why it is refused, or "".
+/// What [`op_atoll_fetch_begin`] answers when request's fetches already
+/// waiting for a response head fill all its slots (bootstrap.js knows it).
+const SLOTS_FULL: &str = "slots full";
+
+/// Admits a `fetch()` of request `id`; returns why it is refused,
+/// [`SLOTS_FULL`] when it must wait for a slot, or "".
 #[op2]
 #[string]
 pub fn op_atoll_fetch_begin(state: &mut OpState, id: u32) -> String {
@@ -510,11 +515,8 @@ pub fn op_atoll_fetch_begin(state: &mut OpState, id: u32) -> String {
         );
     }
     if p.open_fetches >= limits.concurrent {
-        return format!(
-            "this request already has {} fetches waiting for a response, the most it may have at once; \
-             await some of them first",
-            limits.concurrent
-        );
+        // JS queues the fetch until one of these has its response head.
+        return SLOTS_FULL.into();
     }
     p.touch(id, &bridge.touched);
     p.subrequests += 1;
