@@ -364,3 +364,42 @@ async fn continuations_that_resume_together_each_have_their_own_budget() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn a_loop_that_lost_its_requests_context_is_still_stopped() {
+    // The loop is a continuation registered at module load, outside any
+    // request: no sample can charge it to one, and the isolate's shared
+    // deadline must end it.
+    let dev = Dev::start(
+        &[(
+            "orphan.js",
+            r#"
+            let release;
+            const gate = new Promise((resolve) => { release = resolve; });
+            gate.then(() => { for (;;) {} });
+            export default {
+              async fetch(request) {
+                if (new URL(request.url).pathname === "/release") {
+                  release();
+                  await new Promise((resolve) => setTimeout(resolve, 5000));
+                }
+                return new Response("ok");
+              },
+            };
+            "#,
+        )],
+        &["orphan.js", "--cpu-ms", "50"],
+    );
+    let c = client();
+    let resp = c
+        .get(dev.url("/release"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("an answer within 10 s");
+    assert_eq!(resp.status(), 503);
+    dev.wait_for_log("CPU time limit of 50 ms per request exceeded")
+        .await;
+    let resp = c.get(dev.url("/")).send().await.expect("request");
+    assert_eq!(resp.text().await.expect("text"), "ok");
+}
