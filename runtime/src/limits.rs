@@ -144,6 +144,11 @@ pub struct CpuWatchdog {
 const SAMPLE_MIN: Duration = Duration::from_millis(1);
 const SAMPLE_MAX: Duration = Duration::from_millis(10);
 
+/// How often the watchdog samples while the smallest armed limit is `limit`.
+pub fn sample_period(limit: Duration) -> Duration {
+    (limit / 10).clamp(SAMPLE_MIN, SAMPLE_MAX)
+}
+
 /// Time with nothing armed at any sample before the watchdog sleeps until
 /// woken. Arming is on every poll of every isolate: while workers are busy
 /// the watchdog keeps ticking, so arming costs a lock, not a thread wake-up.
@@ -272,8 +277,9 @@ fn watch(shared: Arc<Shared>) {
             let _ = shared.wake.wait_timeout(sleeping, next_sample);
         }
         let slept = next_sample;
-        let period = Duration::from_micros(shared.min_budget_us.load(Ordering::Relaxed) / 10)
-            .clamp(SAMPLE_MIN, SAMPLE_MAX);
+        let period = sample_period(Duration::from_micros(
+            shared.min_budget_us.load(Ordering::Relaxed),
+        ));
         next_sample = period;
         let slots = lock(&shared.slots).clone();
         let mut any_armed = false;

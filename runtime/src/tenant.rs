@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::HttpRequest;
 use crate::deployment::Deployment;
 use crate::isolate::Isolate;
-use crate::limits::{CpuWatch, thread_cpu_time};
+use crate::limits::{CpuWatch, sample_period, thread_cpu_time};
 use crate::running_request::OnSample;
 
 /// How often deadlines are checked while requests are in flight.
@@ -46,6 +46,12 @@ const DELIVERY_SLICE: Duration = Duration::from_millis(5);
 /// delivery slice: a new connection takes several such rounds to reach its
 /// own isolate, and would otherwise wait a slice for each.
 const YIELD_ROUNDS_AFTER_SLICE: u8 = 8;
+
+/// How many requests' CPU budgets one turn of an isolate's event loop may
+/// use in all. Continuations of many requests that resume together run back
+/// to back, each within its own budget, and the thread serves nothing else
+/// meanwhile: past this, the isolate is ended for the others' sake.
+const TURN_BUDGETS: u32 = 4;
 
 /// A request on its way into an isolate, with where its answer goes.
 pub(crate) struct Dispatch {
@@ -495,9 +501,11 @@ async fn drive(
             if let Some(interrupt) = sample.filter(|_| sampling) {
                 *phase.borrow_mut() = LoopPhase {
                     active: true,
+                    start: loop_start,
                     last: loop_start,
                     attributed: Duration::ZERO,
                     overran: None,
+                    capped: false,
                 };
                 watch.sample(interrupt);
             }
@@ -571,6 +579,7 @@ async fn drive(
             ));
         }
         if terminated.load(Ordering::SeqCst) {
+            culprit = culprit.or(phase.borrow().overran);
             let what = if booted.is_some() {
                 format!(
                     "startup CPU time limit of {} ms exceeded",
@@ -581,13 +590,18 @@ async fn drive(
                     "background work after the last response exceeded the CPU time limit of {} ms",
                     limits.cpu_per_request.as_millis()
                 )
+            } else if culprit.is_none() && phase.borrow().capped {
+                format!(
+                    "continuations of requests that resumed together used more than {} ms of \
+                     CPU in one turn of the event loop, holding up everything else on its thread",
+                    (limits.cpu_per_request * TURN_BUDGETS).as_millis()
+                )
             } else {
                 format!(
                     "CPU time limit of {} ms per request exceeded",
                     limits.cpu_per_request.as_millis()
                 )
             };
-            culprit = culprit.or(phase.borrow().overran);
             return Poll::Ready((FailureKind::CpuLimit, what));
         }
         if let Some(rx) = booted.as_mut() {
@@ -719,20 +733,25 @@ async fn drive(
 struct LoopPhase {
     /// The turn is running: samples count.
     active: bool,
+    /// This thread's CPU time at the turn's start.
+    start: Duration,
     /// This thread's CPU time at the turn's start or its last sample.
     last: Duration,
     /// CPU charged by samples to the requests they found running.
     attributed: Duration,
     /// The request a sample took past its limit.
     overran: Option<u32>,
+    /// The turn has used [`TURN_BUDGETS`] budgets: samples no longer move
+    /// its deadline.
+    capped: bool,
 }
 
 /// Charges the CPU since the last sample of an event loop's turn to the
 /// request in flight whose code is running, and ends the isolate if that
 /// takes the request past `limit`. Moves the watchdog's deadline for the
 /// turn, which bounds what no sample could put on one request, by what it
-/// charges. Time found running no request in flight stays against that
-/// deadline.
+/// charges, until the turn has used [`TURN_BUDGETS`] budgets. Time found
+/// running no request in flight stays against that deadline.
 fn charge_samples(
     phase: Rc<RefCell<LoopPhase>>,
     state: Rc<RefCell<SlotState>>,
@@ -741,6 +760,12 @@ fn charge_samples(
     terminated: Arc<AtomicBool>,
     limit: Duration,
 ) -> OnSample {
+    // V8 takes an interrupt at the next stack check of JS. CPU used before
+    // that without one (a collection, a long builtin, host work) may be
+    // another request's than the one found running: a sample charges it
+    // at most two periods; the rest stays against the shared deadline.
+    let most_per_sample = 2 * sample_period(limit);
+    let turn_cap = limit * TURN_BUDGETS;
     Box::new(move |id| {
         let Ok(mut phase) = phase.try_borrow_mut() else {
             return;
@@ -750,7 +775,7 @@ fn charge_samples(
             return;
         }
         let now = thread_cpu_time();
-        let took = now.saturating_sub(phase.last);
+        let took = now.saturating_sub(phase.last).min(most_per_sample);
         phase.last = now;
         let Ok(mut st) = state.try_borrow_mut() else {
             return;
@@ -764,8 +789,10 @@ fn charge_samples(
             phase.overran = Some(id);
             terminated.store(true, Ordering::SeqCst);
             isolate.terminate_execution();
-        } else {
+        } else if now.saturating_sub(phase.start) < turn_cap {
             watch.extend(took);
+        } else {
+            phase.capped = true;
         }
     })
 }

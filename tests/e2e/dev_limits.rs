@@ -403,3 +403,44 @@ async fn a_loop_that_lost_its_requests_context_is_still_stopped() {
     let resp = c.get(dev.url("/")).send().await.expect("request");
     assert_eq!(resp.text().await.expect("text"), "ok");
 }
+
+#[tokio::test]
+async fn requests_resuming_together_cannot_hold_the_thread_for_long() {
+    let dev = Dev::start(
+        &[(
+            "herd.js",
+            r#"
+            let gate;
+            export default {
+              async fetch() {
+                gate ??= new Promise((resolve) => setTimeout(resolve, 600));
+                await gate;
+                // 30 ms each, within the limit; sixteen of them are far
+                // more than one turn may use (four budgets, 200 ms).
+                const end = Date.now() + 30;
+                while (Date.now() < end) {}
+                return new Response("burned");
+              },
+            };
+            "#,
+        )],
+        &["herd.js", "--cpu-ms", "50"],
+    );
+    let c = client();
+    let burns: Vec<_> = (0..16)
+        .map(|_| tokio::spawn(c.get(dev.url("/")).send()))
+        .collect();
+    let mut refused = 0;
+    for burn in burns {
+        let resp = burn.await.expect("task").expect("request");
+        if resp.status() == 503 {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "{}", dev.log());
+    dev.wait_for_log("resumed together used more than 200 ms of CPU in one turn")
+        .await;
+    assert!(!dev.log().contains("per request exceeded"), "{}", dev.log());
+    let resp = c.get(dev.url("/")).send().await.expect("request");
+    assert_eq!(resp.status(), 200);
+}
