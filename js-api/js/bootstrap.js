@@ -42,6 +42,7 @@ const {
   ObjectFreeze,
   ObjectGetOwnPropertyDescriptor,
   ObjectHasOwn,
+  ObjectSetPrototypeOf,
   ObjectPrototypeIsPrototypeOf,
   Promise,
   PromisePrototypeThen,
@@ -314,6 +315,9 @@ const fetchMod = core.loadExtScript("ext:deno_fetch/26_fetch.js");
  * entered later spreads this object's own `atollRequest` into its mapping.
  */
 class RequestScope {
+  // A field, so the property is defined, not assigned: a setter tenant
+  // code put on Object.prototype never sees the scope.
+  atollRequest;
   constructor(id) {
     this.atollRequest = id;
   }
@@ -321,7 +325,10 @@ class RequestScope {
 
 /** The id of the request whose handler (or its continuations) is running, or 0. */
 function currentRequestId() {
-  return core.getAsyncContext()?.atollRequest ?? 0;
+  const scope = core.getAsyncContext();
+  // Own properties only: tenant code may put getters on Object.prototype.
+  if (scope === undefined || scope === null || !ObjectHasOwn(scope, "atollRequest")) return 0;
+  return scope.atollRequest;
 }
 
 // ---------------------------------------------------------------------------
@@ -367,7 +374,9 @@ function startFetch(id, input, init) {
   return PromisePrototypeThen(
     pending,
     (response) => {
-      const declared = response.headers.get("content-length");
+      // From the inner response: Response.prototype and Headers.prototype
+      // are the tenant's to replace.
+      const declared = headers.getHeader(toInnerResponse(response).headerList, "content-length");
       const refused = endFetch(id, declared === null ? -1 : NumberParseFloat(declared));
       if (refused !== "") {
         response.body?.cancel();
@@ -401,7 +410,7 @@ function endFetch(id, declaredLength) {
       ArrayPrototypeUnshift(queue, next);
       break;
     }
-    next.signal?.[abortSignal.remove](next.onAbort);
+    FunctionPrototypeCall(signalRemove, next.signal, next.onAbort);
     next.resolve(started);
   }
   if (queue?.length === 0 && MapPrototypeGet(slotQueues, id) === queue) {
@@ -410,37 +419,51 @@ function endFetch(id, declaredLength) {
   return refused;
 }
 
+// Taken before tenant code runs, which may replace them.
+const requestSignal = ObjectGetOwnPropertyDescriptor(request.RequestPrototype, "signal").get;
+const signalAborted = ObjectGetOwnPropertyDescriptor(
+  abortSignal.AbortSignalPrototype,
+  "aborted",
+).get;
+const signalReason = ObjectGetOwnPropertyDescriptor(abortSignal.AbortSignalPrototype, "reason").get;
+const signalAdd = abortSignal.AbortSignalPrototype[abortSignal.add];
+const signalRemove = abortSignal.AbortSignalPrototype[abortSignal.remove];
+
 /**
  * Queues a fetch of request `id` until one of its slots frees; rejects at
- * once if its signal aborts meanwhile.
+ * once if its signal aborts meanwhile. The Request is made now, as fetch()
+ * does, so later changes to `input` or `init` do not reach it.
  */
 function waitForSlot(id, input, init) {
+  let req;
+  try {
+    req = new request.Request(input, init);
+  } catch (e) {
+    return PromiseReject(e);
+  }
+  const signal = FunctionPrototypeCall(requestSignal, req);
+  if (FunctionPrototypeCall(signalAborted, signal)) {
+    return PromiseReject(FunctionPrototypeCall(signalReason, signal));
+  }
   let queue = MapPrototypeGet(slotQueues, id);
   if (queue === undefined) {
-    queue = [];
+    // No prototype: pushing and shifting then meet no setters tenant code
+    // may have put on Array.prototype.
+    queue = ObjectSetPrototypeOf([], null);
     MapPrototypeSet(slotQueues, id, queue);
   }
-  const signal = init?.signal ??
-    (ObjectPrototypeIsPrototypeOf(request.RequestPrototype, input) ? input.signal : undefined);
   return new Promise((resolve, reject) => {
-    const waiter = { input, init, resolve, signal: null, onAbort: null };
-    if (ObjectPrototypeIsPrototypeOf(abortSignal.AbortSignalPrototype, signal)) {
-      if (signal.aborted) {
-        reject(signal.reason);
-        return;
+    const waiter = { __proto__: null, input: req, init: undefined, resolve, signal, onAbort: null };
+    waiter.onAbort = () => {
+      const at = ArrayPrototypeIndexOf(queue, waiter);
+      if (at === -1) return;
+      ArrayPrototypeSplice(queue, at, 1);
+      if (queue.length === 0 && MapPrototypeGet(slotQueues, id) === queue) {
+        MapPrototypeDelete(slotQueues, id);
       }
-      waiter.signal = signal;
-      waiter.onAbort = () => {
-        const at = ArrayPrototypeIndexOf(queue, waiter);
-        if (at === -1) return;
-        ArrayPrototypeSplice(queue, at, 1);
-        if (queue.length === 0 && MapPrototypeGet(slotQueues, id) === queue) {
-          MapPrototypeDelete(slotQueues, id);
-        }
-        reject(signal.reason);
-      };
-      signal[abortSignal.add](waiter.onAbort);
-    }
+      reject(FunctionPrototypeCall(signalReason, signal));
+    };
+    FunctionPrototypeCall(signalAdd, signal, waiter.onAbort);
     ArrayPrototypePush(queue, waiter);
   });
 }

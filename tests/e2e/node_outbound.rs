@@ -357,7 +357,10 @@ export default {{
       const open = [];
       for (let i = 0; i < 6; i++) open.push(fetch(up + "/slow", {{ signal: ctl.signal }}).catch((e) => e.name));
       let settled = false;
-      const queued = fetch(up + "/hello").then((r) => r.text()).finally(() => {{ settled = true; }});
+      // What it was called with counts, not what its init holds later.
+      const init = {{ method: "GET" }};
+      const queued = fetch(up + "/hello", init).then((r) => r.text()).finally(() => {{ settled = true; }});
+      init.method = "NOT A METHOD";
       let timedOut;
       try {{ await fetch(up + "/hello", {{ signal: AbortSignal.timeout(200) }}); timedOut = "not aborted"; }}
       catch (e) {{ timedOut = e.name; }}
