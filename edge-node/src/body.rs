@@ -2,9 +2,11 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use atoll_runtime::{ChunkSource, OutgoingBody, RequestBody};
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::mpsc;
 
@@ -65,7 +67,7 @@ pub fn request_body(incoming: Incoming, max_bytes: u64) -> RequestBody {
     let length = incoming.size_hint().exact();
     RequestBody::Stream {
         chunks: Box::pin(IncomingChunks {
-            incoming,
+            incoming: Some(incoming),
             received: 0,
             max_bytes,
             done: false,
@@ -74,11 +76,21 @@ pub fn request_body(incoming: Incoming, max_bytes: u64) -> RequestBody {
     }
 }
 
+/// Most of a body its handler left unread that is still read (and
+/// dropped) once the request is over, so the connection can carry the next
+/// request: hyper closes it otherwise, and a close with unread input can
+/// reset the response before the client has read it.
+const DRAIN_BYTES: u64 = 256 * 1024;
+
+/// Longest that draining may take.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
 /// hyper's body of a request, read as the handler asks for chunks: hyper
 /// takes more from the socket only then, so a handler that reads slowly
 /// slows the client down.
 struct IncomingChunks {
-    incoming: Incoming,
+    /// Taken by the drain when the handler leaves it unread.
+    incoming: Option<Incoming>,
     received: u64,
     max_bytes: u64,
     done: bool,
@@ -91,7 +103,10 @@ impl ChunkSource for IncomingChunks {
     ) -> Poll<Option<Result<Bytes, String>>> {
         let this = self.get_mut();
         while !this.done {
-            let frame = match Pin::new(&mut this.incoming).poll_frame(cx) {
+            let Some(incoming) = this.incoming.as_mut() else {
+                break;
+            };
+            let frame = match Pin::new(incoming).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(frame) => frame,
             };
@@ -122,6 +137,37 @@ impl ChunkSource for IncomingChunks {
             }
         }
         Poll::Ready(None)
+    }
+}
+
+impl Drop for IncomingChunks {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let Some(mut incoming) = self.incoming.take() else {
+            return;
+        };
+        let left = incoming.size_hint().exact();
+        if left.is_some_and(|n| n > DRAIN_BYTES) {
+            return; // Not worth it: hyper closes the connection.
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let drain = async {
+                let mut budget = DRAIN_BYTES;
+                while let Some(Ok(frame)) = incoming.frame().await {
+                    let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        });
     }
 }
 

@@ -140,3 +140,61 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     // New connections are refused once it has stopped.
     assert!(client().get(dev.url("/")).send().await.is_err());
 }
+
+/// Reads one HTTP/1.1 response with a `content-length` from `tcp`; returns
+/// its head and body, or None if the connection ended first.
+async fn read_response(tcp: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if tcp.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse().ok())?;
+    let mut body = vec![0u8; length];
+    tcp.read_exact(&mut body).await.ok()?;
+    Some((head, body))
+}
+
+#[tokio::test]
+async fn a_body_the_handler_ignores_does_not_cost_the_connection() {
+    let dev = Dev::start(
+        &[(
+            "ignore.js",
+            "export default { fetch() { return new Response('ignored'); } };",
+        )],
+        &["ignore.js"],
+    );
+    let addr = dev.base.trim_start_matches("http://").to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let body = vec![b'x'; 100 * 1024];
+    tcp.write_all(
+        format!(
+            "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write head");
+    tcp.write_all(&body).await.expect("write body");
+    let (head, text) = read_response(&mut tcp).await.expect("first response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(text, b"ignored");
+    // The unread body was drained: the same connection serves the next one.
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write second");
+    let (head, _) = read_response(&mut tcp)
+        .await
+        .expect("a second response on the same connection");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
