@@ -123,6 +123,8 @@ impl ChunkSource for IncomingChunks {
                     this.received += data.len() as u64;
                     if this.received > this.max_bytes {
                         this.done = true;
+                        // Nothing more is read: hyper may close at once.
+                        this.incoming = None;
                         return Poll::Ready(Some(Err(format!(
                             "the request body is larger than the limit of {} bytes",
                             this.max_bytes
