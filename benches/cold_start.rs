@@ -52,6 +52,7 @@ fn request(tenant: usize) -> HttpRequest {
         url: format!("http://t{tenant}.example/"),
         headers: Default::default(),
         body: RequestBody::Empty,
+        cpu: Default::default(),
     }
 }
 

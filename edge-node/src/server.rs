@@ -308,6 +308,7 @@ impl EdgeNode {
             deployment = %deployment.version
         );
         let url = [scheme, "://", host, path].concat();
+        let cpu = atoll_runtime::RequestCpu::default();
         let request = HttpRequest {
             request_id,
             received: started,
@@ -315,6 +316,7 @@ impl EdgeNode {
             url,
             headers,
             body: request_body(body, self.limits.max_body_bytes),
+            cpu: cpu.clone(),
         };
         // A cold start may log (pool misses, evictions): under this request.
         let answer = span.in_scope(|| self.runtime.dispatch(deployment.clone(), request));
@@ -328,6 +330,7 @@ impl EdgeNode {
                 peer,
                 deployment,
                 span,
+                cpu,
             }),
             answer,
         }
@@ -348,7 +351,10 @@ impl EdgeNode {
             peer,
             deployment,
             span,
+            cpu,
         } = ctx;
+        // Rounded to hundredths of a millisecond for the log.
+        let cpu_ms = || (cpu.get().as_secs_f64() * 1e5).round() / 100.0;
         let _entered = span.enter();
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let elapsed = started.elapsed();
@@ -373,6 +379,7 @@ impl EdgeNode {
                 let status = resp.status;
                 tracing::info!(
                     target: "atoll::request",
+                    cpu_ms = cpu_ms(),
                     %peer,
                     "{method} {path} {status} {:.1}ms",
                     elapsed.as_secs_f64() * 1e3
@@ -384,11 +391,13 @@ impl EdgeNode {
                 match &e {
                     DispatchError::Limit(..) => tracing::warn!(
                         target: "atoll::request",
+                        cpu_ms = cpu_ms(),
                         "{method} {path} {status} {:.1}ms: {e}",
                         elapsed.as_secs_f64() * 1e3
                     ),
                     _ => tracing::error!(
                         target: "atoll::request",
+                        cpu_ms = cpu_ms(),
                         "{method} {path} {status} {:.1}ms: {e}",
                         elapsed.as_secs_f64() * 1e3
                     ),
@@ -481,6 +490,8 @@ struct RequestContext {
     peer: SocketAddr,
     deployment: Arc<atoll_runtime::Deployment>,
     span: tracing::Span,
+    /// CPU the isolate charged the request, by the time it answered.
+    cpu: atoll_runtime::RequestCpu,
 }
 
 /// hyper's HTTP/1 and HTTP/2 servers, configured from the node's limits.

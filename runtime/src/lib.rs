@@ -54,6 +54,25 @@ pub struct HttpRequest {
     pub headers: http::HeaderMap,
     /// Body.
     pub body: RequestBody,
+    /// Where the isolate keeps the CPU time it charged the request.
+    pub cpu: RequestCpu,
+}
+
+/// CPU time charged to one request so far, shared with the server that
+/// logs it: the isolate's thread updates it as it charges the request.
+#[derive(Debug, Clone, Default)]
+pub struct RequestCpu(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl RequestCpu {
+    /// The CPU time charged so far.
+    pub fn get(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub(crate) fn set(&self, cpu: std::time::Duration) {
+        let nanos = u64::try_from(cpu.as_nanos()).unwrap_or(u64::MAX);
+        self.0.store(nanos, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// How the runtime is sized.

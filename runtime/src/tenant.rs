@@ -63,15 +63,25 @@ pub(crate) struct Dispatch {
 /// bridge no longer lists it as pending.
 struct InFlight {
     cpu: Duration,
+    /// `cpu`, as the server sees it.
+    shared_cpu: crate::RequestCpu,
     deadline: Instant,
     /// The response is complete; `deadline` now bounds its waitUntil work.
     answered: bool,
+}
+
+impl InFlight {
+    fn charge(&mut self, cpu: Duration) {
+        self.cpu += cpu;
+        self.shared_cpu.set(self.cpu);
+    }
 }
 
 /// A request waiting for one of the isolate's concurrency slots.
 struct Queued {
     incoming: IncomingRequest,
     deadline: Instant,
+    cpu: crate::RequestCpu,
 }
 
 #[derive(Default)]
@@ -218,6 +228,7 @@ impl TenantSlot {
                 respond: d.respond,
             },
             deadline: now + limits.wall_per_request,
+            cpu: r.cpu,
         });
         st.wake();
     }
@@ -451,11 +462,15 @@ async fn drive(
                 sliced = true;
                 let mut st = state.borrow_mut();
                 for incoming in admitted.drain(..).rev() {
-                    let deadline = st
-                        .in_flight
-                        .remove(&incoming.id)
-                        .map_or_else(|| Instant::now() + limits.wall_per_request, |f| f.deadline);
-                    st.queue.push_front(Queued { incoming, deadline });
+                    let (deadline, cpu) = st.in_flight.remove(&incoming.id).map_or_else(
+                        || (Instant::now() + limits.wall_per_request, Default::default()),
+                        |f| (f.deadline, f.shared_cpu),
+                    );
+                    st.queue.push_front(Queued {
+                        incoming,
+                        deadline,
+                        cpu,
+                    });
                 }
             }
             if stopped() {
@@ -481,7 +496,7 @@ async fn drive(
                 let mut st = state.borrow_mut();
                 for (id, took) in &charges {
                     if let Some(f) = st.in_flight.get_mut(id) {
-                        f.cpu += *took;
+                        f.charge(*took);
                     }
                 }
                 let most = st
@@ -556,13 +571,13 @@ async fn drive(
                     let share = rest / u32::try_from(ran).unwrap_or(u32::MAX);
                     for id in &touched {
                         if let Some(f) = st.in_flight.get_mut(id) {
-                            f.cpu += share;
+                            f.charge(share);
                         }
                     }
                 } else {
                     let n = u32::try_from(st.in_flight.len()).unwrap_or(u32::MAX).max(1);
                     for f in st.in_flight.values_mut() {
-                        f.cpu += rest / n;
+                        f.charge(rest / n);
                     }
                 }
             }
@@ -783,7 +798,7 @@ fn charge_samples(
         let Some(f) = st.in_flight.get_mut(&id) else {
             return;
         };
-        f.cpu += took;
+        f.charge(took);
         phase.attributed += took;
         if f.cpu >= limit {
             phase.overran = Some(id);
@@ -812,6 +827,7 @@ fn admit(st: &mut SlotState, admitted: &mut Vec<IncomingRequest>, max_concurrent
             q.incoming.id,
             InFlight {
                 cpu: Duration::ZERO,
+                shared_cpu: q.cpu,
                 deadline: q.deadline,
                 answered: false,
             },

@@ -16,6 +16,10 @@ use crate::limits::{CpuWatch, CpuWatchdog};
 use crate::tenant::{Dispatch, IsolateInfo, TenantSlot};
 
 /// Messages a worker thread accepts.
+// Nearly every message is a Dispatch, and most are handled in place on
+// the tenant's own thread: boxing it would cost an allocation per request
+// to shrink messages that are rarely queued.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum WorkerMsg {
     /// Run a request in the deployment's isolate (starting one if needed).
     Dispatch {

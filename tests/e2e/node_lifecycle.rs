@@ -338,3 +338,58 @@ script = "cold"
     let metrics = admin(&c, &node, "/metrics").await;
     assert_eq!(metric(&metrics, "atoll_cold_starts_total"), 1.0);
 }
+
+#[tokio::test]
+async fn json_logs_give_each_request_its_tenant_id_status_and_cpu_time() {
+    let config = "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[admin]\naddr = \"127.0.0.1:0\"\n\n\
+                  [[scripts]]\nname = \"burner\"\nentry = \"burn.js\"\n\n\
+                  [[routes]]\npattern = \"*\"\nscript = \"burner\"\n";
+    let handler = r#"
+export default {
+  fetch(req) {
+    console.log("burning for", new URL(req.url).pathname);
+    const end = Date.now() + 20;
+    while (Date.now() < end) {}
+    return new Response("ok");
+  },
+};
+"#;
+    let node = Dev::spawn(
+        &[("node.toml", config), ("burn.js", handler)],
+        &["node", "--config", "node.toml", "--log-format", "json"],
+    );
+    let (status, _) = get(&client(), &node, "app.test", "/burn").await;
+    assert_eq!(status, 200);
+    let log = node.wait_for_log("GET /burn 200").await;
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let request = lines
+        .iter()
+        .find(|l| l["target"] == "atoll::request")
+        .unwrap_or_else(|| panic!("no request line in {log}"));
+    let message = request["fields"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("GET /burn 200 "), "{message}");
+    assert_eq!(request["span"]["tenant"], "burner", "{request}");
+    let request_id = request["span"]["request_id"].as_str().unwrap_or_default();
+    assert_eq!(request_id.len(), 16, "{request}");
+    // The 20 ms loop shows as CPU time (less if the thread was preempted),
+    // never more than the request took.
+    let cpu_ms = request["fields"]["cpu_ms"].as_f64().expect("cpu_ms");
+    let took_ms: f64 = message
+        .rsplit(' ')
+        .next()
+        .and_then(|t| t.strip_suffix("ms"))
+        .and_then(|t| t.parse().ok())
+        .expect("duration");
+    assert!(cpu_ms > 1.0 && cpu_ms <= took_ms + 0.1, "{request}");
+    // The handler's console output is tagged with the same request.
+    let console = lines
+        .iter()
+        .find(|l| l["target"] == "atoll::console")
+        .unwrap_or_else(|| panic!("no console line in {log}"));
+    assert_eq!(console["fields"]["message"], "burning for /burn");
+    assert_eq!(console["fields"]["tenant"], "burner");
+    assert_eq!(console["fields"]["request_id"], request_id);
+}
