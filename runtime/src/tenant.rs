@@ -162,7 +162,11 @@ impl TenantSlot {
             deployment: deployment.clone(),
             state: state.clone(),
         });
+        // A root span: the isolate outlives the request that started it,
+        // and its log lines (console output of later requests) must not
+        // carry that request's id.
         let span = tracing::info_span!(
+            parent: None,
             "isolate",
             tenant = %deployment.tenant,
             deployment = %deployment.version

@@ -392,4 +392,22 @@ export default {
     assert_eq!(console["fields"]["message"], "burning for /burn");
     assert_eq!(console["fields"]["tenant"], "burner");
     assert_eq!(console["fields"]["request_id"], request_id);
+
+    // A later request's console line names only that request, not the
+    // one that started the isolate.
+    let (status, _) = get(&client(), &node, "app.test", "/again").await;
+    assert_eq!(status, 200);
+    let log = node.wait_for_log("GET /again 200").await;
+    let again = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "burning for /again")
+        .unwrap_or_else(|| panic!("no console line for /again in {log}"));
+    let own_id = again["fields"]["request_id"].clone();
+    assert_ne!(own_id, request_id, "{again}");
+    for span in again["spans"].as_array().into_iter().flatten() {
+        if let Some(id) = span.get("request_id") {
+            assert_eq!(*id, own_id, "{again}");
+        }
+    }
 }
