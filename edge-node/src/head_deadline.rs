@@ -27,6 +27,15 @@ use tokio::time::Instant;
 /// Longest wait for a client to make room for more of a response.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What [`HeadDeadline::serve`] does with a connection left idle too long.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Idle {
+    /// Drop it: the socket closes.
+    Drop,
+    /// Shut it down gracefully (HTTP/2's GOAWAY).
+    ShutDown,
+}
+
 /// One connection's request activity.
 #[derive(Debug)]
 pub(crate) struct HeadDeadline {
@@ -83,23 +92,32 @@ impl HeadDeadline {
 
     /// Runs `connection` until it finishes; calls `shut_down` on it (hyper's
     /// graceful shutdown) once [`HeadDeadline::drain`] is called. With a
-    /// `limit` (HTTP/1), drops it (closing the socket) and returns `None`
-    /// once the client has kept it waiting longer than `limit` for a
-    /// request head with no request active.
+    /// `limit`, once the client has kept it waiting longer than that with no
+    /// request active: with [`Idle::Drop`] (HTTP/1, waiting for a request
+    /// head) drops it, closing the socket, and returns `None`; with
+    /// [`Idle::ShutDown`] (HTTP/2, whose peer may still open streams) shuts
+    /// it down gracefully, as on drain.
     pub(crate) async fn serve<F: Future>(
         self: &Arc<Self>,
         connection: F,
-        limit: Option<Duration>,
+        limit: Option<(Duration, Idle)>,
         shut_down: impl Fn(Pin<&mut F>),
     ) -> Option<F::Output> {
+        let graceful = matches!(limit, Some((_, Idle::ShutDown)));
+        let limit = limit.map(|(limit, _)| limit);
         let _timer = limit.map(|limit| AbortOnDrop(tokio::spawn(self.clone().expire_after(limit))));
         let mut connection = std::pin::pin!(connection);
         let mut shutting_down = false;
+        // Whether the connection should be shut down gracefully now.
+        let stop = || {
+            self.draining.load(Ordering::Acquire)
+                || (graceful && self.expired.load(Ordering::Acquire))
+        };
         std::future::poll_fn(|cx| {
-            if self.expired.load(Ordering::Acquire) {
+            if !graceful && self.expired.load(Ordering::Acquire) {
                 return Poll::Ready(None);
             }
-            if !shutting_down && self.draining.load(Ordering::Acquire) {
+            if !shutting_down && stop() {
                 shutting_down = true;
                 shut_down(connection.as_mut());
             }
@@ -109,9 +127,7 @@ impl HeadDeadline {
             self.connection.register(cx.waker());
             // Expired or told to drain between the checks and registering:
             // no wake is coming for it.
-            if self.expired.load(Ordering::Acquire)
-                || (!shutting_down && self.draining.load(Ordering::Acquire))
-            {
+            if (!graceful && self.expired.load(Ordering::Acquire)) || (!shutting_down && stop()) {
                 cx.waker().wake_by_ref();
             }
             Poll::Pending
@@ -324,7 +340,12 @@ mod tests {
     async fn an_idle_connection_is_dropped_after_the_limit() {
         let state = HeadDeadline::new();
         let started = tokio::time::Instant::now();
-        assert_eq!(state.serve(forever(), Some(LIMIT), |_| {}).await, None);
+        assert_eq!(
+            state
+                .serve(forever(), Some((LIMIT, Idle::Drop)), |_| {})
+                .await,
+            None
+        );
         assert_eq!(started.elapsed(), LIMIT);
     }
 
@@ -361,7 +382,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_finishes_returns_its_output() {
         let state = HeadDeadline::new();
-        assert_eq!(state.serve(async { 7 }, Some(LIMIT), |_| {}).await, Some(7));
+        assert_eq!(
+            state
+                .serve(async { 7 }, Some((LIMIT, Idle::Drop)), |_| {})
+                .await,
+            Some(7)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -370,7 +396,11 @@ mod tests {
         let active = state.request_started();
         let served = {
             let state = state.clone();
-            tokio::spawn(async move { state.serve(forever(), Some(LIMIT), |_| {}).await })
+            tokio::spawn(async move {
+                state
+                    .serve(forever(), Some((LIMIT, Idle::Drop)), |_| {})
+                    .await
+            })
         };
         // A response that streams for three limits keeps the connection.
         tokio::time::sleep(3 * LIMIT).await;

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::body::{ResponseBody, full, request_body, response_body};
 use crate::drain::Connections;
-use crate::head_deadline::{ActiveRequest, HeadDeadline, TrackedBody, WriteProgress};
+use crate::head_deadline::{ActiveRequest, HeadDeadline, Idle, TrackedBody, WriteProgress};
 use crate::routes::Routes;
 use hyper_util::server::graceful::GracefulConnection;
 
@@ -501,7 +501,8 @@ struct RequestContext {
 struct Protocols {
     h1: hyper::server::conn::http1::Builder,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
-    /// How long an HTTP/1 connection may wait for a request head.
+    /// How long an HTTP/1 connection may wait for a request head, and an
+    /// HTTP/2 connection may stay open with no stream.
     head_timeout: std::time::Duration,
 }
 
@@ -561,8 +562,13 @@ impl Protocols {
     {
         let served = if h2 {
             let connection = self.h2.serve_connection(TokioIo::new(io), service);
+            // A peer that answers pings but opens no streams is idle too.
             deadline
-                .serve(connection, None, GracefulConnection::graceful_shutdown)
+                .serve(
+                    connection,
+                    Some((self.head_timeout, Idle::ShutDown)),
+                    GracefulConnection::graceful_shutdown,
+                )
                 .await
         } else {
             let io = TokioIo::new(WriteProgress::new(io, deadline.clone()));
@@ -570,7 +576,7 @@ impl Protocols {
             deadline
                 .serve(
                     connection,
-                    Some(self.head_timeout),
+                    Some((self.head_timeout, Idle::Drop)),
                     GracefulConnection::graceful_shutdown,
                 )
                 .await

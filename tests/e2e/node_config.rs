@@ -360,7 +360,7 @@ fn a_key_that_does_not_match_its_certificate_stops_the_node() {
 }
 
 #[tokio::test]
-async fn slow_and_idle_http1_clients_are_dropped_after_the_head_timeout() {
+async fn slow_and_idle_clients_are_dropped_after_the_head_timeout() {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let node = Dev::start_node(&[
@@ -409,6 +409,48 @@ async fn slow_and_idle_http1_clients_are_dropped_after_the_head_timeout() {
         answer.starts_with("HTTP/1.1 200") && answer.ends_with("late"),
         "{answer}"
     );
+
+    // HTTP/2: a stream that takes three timeouts is served ...
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let resp = h2.get(node.url("/")).send().await.expect("h2 request");
+    assert_eq!(resp.text().await.expect("text"), "late");
+    // ... and a connection with no stream is shut down with a GOAWAY,
+    // though its peer answers pings, then closed.
+    let mut idle = tokio::net::TcpStream::connect(node.addr())
+        .await
+        .expect("connect");
+    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("write preface");
+    let frame_types = async {
+        let mut types = Vec::new();
+        loop {
+            let mut head = [0u8; 9];
+            if idle.read_exact(&mut head).await.is_err() {
+                return types; // closed
+            }
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if idle.read_exact(&mut payload).await.is_err() {
+                return types;
+            }
+            types.push(head[3]);
+            // A PING without the ACK flag: answer it, as a live peer does.
+            if head[3] == 6 && head[4] & 1 == 0 {
+                let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                ack.extend_from_slice(&payload);
+                let _ = idle.write_all(&ack).await;
+            }
+        }
+    };
+    let types = tokio::time::timeout(Duration::from_secs(10), frame_types)
+        .await
+        .expect("the node should have closed the idle HTTP/2 connection");
+    assert!(types.contains(&7), "frame types {types:?}");
 }
 
 #[tokio::test]
