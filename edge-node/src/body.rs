@@ -1,6 +1,8 @@
 //! Streaming bodies between hyper and the runtime.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -58,21 +60,36 @@ impl Body for ResponseBody {
 }
 
 /// The request body as the handler reads it: straight from hyper, cut
-/// off with an error past `max_bytes`.
-pub fn request_body(incoming: Incoming, max_bytes: u64) -> RequestBody {
+/// off with an error past `max_bytes`; and, for a body, the flag set when
+/// that happens.
+pub fn request_body(incoming: Incoming, max_bytes: u64) -> (RequestBody, Option<TooLarge>) {
     if incoming.is_end_stream() {
-        return RequestBody::Empty;
+        return (RequestBody::Empty, None);
     }
     // hyper knows it exactly from a `content-length` header.
     let length = incoming.size_hint().exact();
-    RequestBody::Stream {
+    let too_large = TooLarge::default();
+    let body = RequestBody::Stream {
         chunks: Box::pin(IncomingChunks {
             incoming: Some(incoming),
             received: 0,
             max_bytes,
             done: false,
+            too_large: too_large.clone(),
         }),
         length,
+    };
+    (body, Some(too_large))
+}
+
+/// Set once a request body grew past the limit while the handler read it.
+#[derive(Debug, Clone, Default)]
+pub struct TooLarge(Arc<AtomicBool>);
+
+impl TooLarge {
+    /// Whether the body grew past the limit.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -94,6 +111,7 @@ struct IncomingChunks {
     received: u64,
     max_bytes: u64,
     done: bool,
+    too_large: TooLarge,
 }
 
 impl ChunkSource for IncomingChunks {
@@ -123,6 +141,7 @@ impl ChunkSource for IncomingChunks {
                     this.received += data.len() as u64;
                     if this.received > this.max_bytes {
                         this.done = true;
+                        this.too_large.0.store(true, Ordering::Relaxed);
                         // Nothing more is read: hyper may close at once.
                         this.incoming = None;
                         return Poll::Ready(Some(Err(format!(

@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::body::{ResponseBody, full, request_body, response_body};
+use crate::body::{ResponseBody, TooLarge, full, request_body, response_body};
 use crate::drain::Connections;
 use crate::head_deadline::{ActiveRequest, HeadDeadline, Idle, TrackedBody, WriteProgress};
 use crate::routes::Routes;
@@ -291,13 +291,9 @@ impl EdgeNode {
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
             tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, status = 413, "body too large");
-            return HandlingState::Answered(Some(plain(
-                StatusCode::PAYLOAD_TOO_LARGE,
+            return HandlingState::Answered(Some(too_large(
                 &request_id,
-                format!(
-                    "the request body is larger than the limit of {} bytes\n",
-                    self.limits.max_body_bytes
-                ),
+                self.limits.max_body_bytes,
             )));
         }
 
@@ -309,13 +305,14 @@ impl EdgeNode {
         );
         let url = [scheme, "://", host, path].concat();
         let cpu = atoll_runtime::RequestCpu::default();
+        let (body, body_too_large) = request_body(body, self.limits.max_body_bytes);
         let request = HttpRequest {
             request_id,
             received: started,
             method: method.clone(),
             url,
             headers,
-            body: request_body(body, self.limits.max_body_bytes),
+            body,
             cpu: cpu.clone(),
         };
         // A cold start may log (pool misses, evictions): under this request.
@@ -331,6 +328,7 @@ impl EdgeNode {
                 deployment,
                 span,
                 cpu,
+                body_too_large,
             }),
             answer,
         }
@@ -352,13 +350,19 @@ impl EdgeNode {
             deployment,
             span,
             cpu,
+            body_too_large,
         } = ctx;
         // Rounded to hundredths of a millisecond for the log.
         let cpu_ms = || (cpu.get().as_secs_f64() * 1e5).round() / 100.0;
         let _entered = span.enter();
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let elapsed = started.elapsed();
+        // A handler that let the read error of an oversized body escape
+        // gets the 413 the server would have sent for a declared length.
+        let oversized = matches!(result, Err(DispatchError::Exception(_)))
+            && body_too_large.as_ref().is_some_and(TooLarge::is_set);
         let status = match &result {
+            _ if oversized => 413,
             Ok(r) => r.status,
             Err(e) => e.status(),
         };
@@ -385,6 +389,16 @@ impl EdgeNode {
                     elapsed.as_secs_f64() * 1e3
                 );
                 build_response(resp, &request_id)
+            }
+            Err(e) if oversized => {
+                tracing::info!(
+                    target: "atoll::request",
+                    cpu_ms = cpu_ms(),
+                    %peer,
+                    "{method} {path} 413 {:.1}ms: the request body grew past the limit: {e}",
+                    elapsed.as_secs_f64() * 1e3
+                );
+                too_large(&request_id, self.limits.max_body_bytes)
             }
             Err(e) => {
                 let status = e.status();
@@ -492,6 +506,8 @@ struct RequestContext {
     span: tracing::Span,
     /// CPU the isolate charged the request, by the time it answered.
     cpu: atoll_runtime::RequestCpu,
+    /// Set if its body grew past the limit while the handler read it.
+    body_too_large: Option<TooLarge>,
 }
 
 /// hyper's HTTP/1 and HTTP/2 servers, configured from the node's limits.
@@ -648,6 +664,15 @@ fn new_request_id() -> RequestId {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
     RequestId::from_u64(z)
+}
+
+/// The 413 for a body over `max_bytes`.
+fn too_large(request_id: &RequestId, max_bytes: u64) -> Response<ResponseBody> {
+    plain(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        request_id,
+        format!("the request body is larger than the limit of {max_bytes} bytes\n"),
+    )
 }
 
 fn plain(status: StatusCode, request_id: &RequestId, text: String) -> Response<ResponseBody> {

@@ -7,6 +7,9 @@ use crate::harness::{Dev, client};
 const HANDLER: &str = r#"
 export default {
   async fetch(request) {
+    if (new URL(request.url).pathname === "/uncaught") {
+      return new Response(`read ${(await request.arrayBuffer()).byteLength}`);
+    }
     try {
       const body = await request.arrayBuffer();
       return new Response(`read ${body.byteLength}`);
@@ -62,6 +65,24 @@ async fn oversized_heads_and_bodies_are_refused() {
     assert_eq!(resp.status(), 413);
     let text = resp.text().await.expect("text");
     assert!(text.contains("larger than the limit"), "{text}");
+    // A handler that lets that error escape: the server answers 413 itself.
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = (0..40)
+        .map(|_| Ok(bytes::Bytes::from(vec![7u8; 64 * 1024])))
+        .collect();
+    let resp = c
+        .post(dev.url("/uncaught"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 413);
+    let text = resp.text().await.expect("text");
+    assert!(
+        text.contains("larger than the limit of 1048576 bytes"),
+        "{text}"
+    );
 
     // A Host that is not a plain authority never reaches routing.
     let mut tcp = tokio::net::TcpStream::connect(&addr)
