@@ -169,8 +169,20 @@ impl Dev {
 
     /// Sends SIGTERM and waits (up to 30 s) for the process to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        self.wait_exit()
+    }
+
+    /// Sends the signal named `name` (`TERM`, `INT`, …) to the process.
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status();
+    }
+
+    /// Waits (up to 30 s) for the process to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let started = Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -182,7 +194,7 @@ impl Dev {
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
-                "atoll dev did not exit after SIGTERM"
+                "atoll did not exit within 30 s of being told to stop"
             );
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -411,3 +411,41 @@ export default {
         }
     }
 }
+
+#[tokio::test]
+async fn sigint_drains_the_node_refusing_new_connections_meanwhile() {
+    let config = "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[admin]\naddr = \"127.0.0.1:0\"\n\n\
+                  [[scripts]]\nname = \"slow\"\nentry = \"slow.js\"\n\n\
+                  [[routes]]\npattern = \"*\"\nscript = \"slow\"\n";
+    let handler = r#"
+export default {
+  async fetch() {
+    console.log("slow request started");
+    await new Promise((r) => setTimeout(r, 1500));
+    return new Response("finished");
+  },
+};
+"#;
+    let mut node = Dev::start_node(&[("node.toml", config), ("slow.js", handler)]);
+    let url = node.url("/");
+    let in_flight = tokio::spawn(async move {
+        let resp = client().get(url).send().await.expect("request");
+        (resp.status(), resp.text().await.expect("text"))
+    });
+    node.wait_for_log("slow request started").await;
+    node.signal("INT");
+    node.wait_for_log("shutting down: finishing in-flight requests")
+        .await;
+    // Draining: the request in flight goes on, new connections are refused.
+    let refused = tokio::net::TcpStream::connect(node.addr()).await;
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted while draining"
+    );
+    let (code, text) = in_flight.await.expect("join");
+    assert_eq!((code.as_u16(), text.as_str()), (200, "finished"));
+    let exit = tokio::task::spawn_blocking(move || node.wait_exit())
+        .await
+        .expect("join");
+    assert!(exit.success(), "exit status {exit}");
+}
