@@ -266,6 +266,7 @@ impl EdgeNode {
         // The host becomes part of the URL the handler parses and selects
         // the route: it must be a plain authority.
         let Some(host) = host.filter(|h| is_plain_authority(h)) else {
+            tracing::info!(target: "atoll::request", %request_id, %method, %path, %peer, status = 400, "Host is not a valid host name");
             return HandlingState::Answered(Some(plain(
                 StatusCode::BAD_REQUEST,
                 &request_id,
@@ -275,7 +276,7 @@ impl EdgeNode {
 
         let routes = self.routes.load();
         let Some(deployment) = routes.lookup(host, path).cloned() else {
-            tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, status = 404, "no route");
+            tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, %peer, status = 404, "no route");
             self.metrics.unrouted();
             return HandlingState::Answered(Some(plain(
                 StatusCode::NOT_FOUND,
@@ -290,7 +291,9 @@ impl EdgeNode {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
-            tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, status = 413, "body too large");
+            tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, %peer, status = 413, "body too large");
+            self.metrics
+                .request(&deployment.tenant, 413, started.elapsed());
             return HandlingState::Answered(Some(too_large(
                 &request_id,
                 self.limits.max_body_bytes,

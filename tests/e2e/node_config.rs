@@ -31,6 +31,10 @@ script = "site"
 [[routes]]
 pattern = "www.example.test/api"
 script = "api"
+
+[[routes]]
+pattern = "api.example.test"
+script = "api"
 "#;
 
 #[tokio::test]
@@ -68,6 +72,11 @@ async fn node_serves_scripts_by_route_from_its_config() {
     assert_eq!(
         get("blog.example.test", "/api").await,
         (200, "site /api".into())
+    );
+    // An exact host beats the wildcard that also matches it.
+    assert_eq!(
+        get("api.example.test", "/").await,
+        (200, r#"{"api":"v2"}"#.into())
     );
     let (status, text) = get("other.test", "/nope").await;
     assert_eq!(status, 404);
