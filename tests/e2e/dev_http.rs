@@ -50,33 +50,24 @@ async fn oversized_heads_and_bodies_are_refused() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("limit of 1048576 bytes"), "{answer}");
 
-    // A streamed (chunked) body that grows past the limit errors in the handler.
-    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = (0..40)
-        .map(|_| Ok(bytes::Bytes::from(vec![7u8; 64 * 1024])))
-        .collect();
-    let resp = c
-        .post(dev.url("/"))
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
-            chunks,
-        )))
-        .send()
-        .await
-        .expect("request");
+    // A streamed (chunked) body of 2.5 MiB, without a declared length.
+    let post_chunked = |path: &str| {
+        let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = (0..40)
+            .map(|_| Ok(bytes::Bytes::from(vec![7u8; 64 * 1024])))
+            .collect();
+        c.post(dev.url(path))
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
+            .send()
+    };
+    // Growing past the limit, it errors in the handler.
+    let resp = post_chunked("/").await.expect("request");
     assert_eq!(resp.status(), 413);
     let text = resp.text().await.expect("text");
     assert!(text.contains("larger than the limit"), "{text}");
     // A handler that lets that error escape: the server answers 413 itself.
-    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = (0..40)
-        .map(|_| Ok(bytes::Bytes::from(vec![7u8; 64 * 1024])))
-        .collect();
-    let resp = c
-        .post(dev.url("/uncaught"))
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
-            chunks,
-        )))
-        .send()
-        .await
-        .expect("request");
+    let resp = post_chunked("/uncaught").await.expect("request");
     assert_eq!(resp.status(), 413);
     let text = resp.text().await.expect("text");
     assert!(

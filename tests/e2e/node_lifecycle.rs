@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{Dev, ca_and_leaf, client, get_text};
+use crate::harness::{Dev, ca_and_leaf, client, get_text, single_script_config};
 
 /// GETs `path` on `node` with `host`; returns status and body.
 async fn get(c: &reqwest::Client, node: &Dev, host: &str, path: &str) -> (u16, String) {
@@ -341,9 +341,7 @@ script = "cold"
 
 #[tokio::test]
 async fn json_logs_give_each_request_its_tenant_id_status_and_cpu_time() {
-    let config = "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[admin]\naddr = \"127.0.0.1:0\"\n\n\
-                  [[scripts]]\nname = \"burner\"\nentry = \"burn.js\"\n\n\
-                  [[routes]]\npattern = \"*\"\nscript = \"burner\"\n";
+    let config = single_script_config("", "burn.js");
     let handler = r#"
 export default {
   fetch(req) {
@@ -355,7 +353,7 @@ export default {
 };
 "#;
     let node = Dev::spawn(
-        &[("node.toml", config), ("burn.js", handler)],
+        &[("node.toml", &config), ("burn.js", handler)],
         &["node", "--config", "node.toml", "--log-format", "json"],
     );
     let (status, _) = get(&client(), &node, "app.test", "/burn").await;
@@ -371,7 +369,7 @@ export default {
         .unwrap_or_else(|| panic!("no request line in {log}"));
     let message = request["fields"]["message"].as_str().unwrap_or_default();
     assert!(message.starts_with("GET /burn 200 "), "{message}");
-    assert_eq!(request["span"]["tenant"], "burner", "{request}");
+    assert_eq!(request["span"]["tenant"], "only", "{request}");
     let request_id = request["span"]["request_id"].as_str().unwrap_or_default();
     assert_eq!(request_id.len(), 16, "{request}");
     // The 20 ms loop shows as CPU time (less if the thread was preempted),
@@ -390,7 +388,7 @@ export default {
         .find(|l| l["target"] == "atoll::console")
         .unwrap_or_else(|| panic!("no console line in {log}"));
     assert_eq!(console["fields"]["message"], "burning for /burn");
-    assert_eq!(console["fields"]["tenant"], "burner");
+    assert_eq!(console["fields"]["tenant"], "only");
     assert_eq!(console["fields"]["request_id"], request_id);
 
     // A later request's console line names only that request, not the
@@ -414,9 +412,7 @@ export default {
 
 #[tokio::test]
 async fn sigint_drains_the_node_refusing_new_connections_meanwhile() {
-    let config = "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[admin]\naddr = \"127.0.0.1:0\"\n\n\
-                  [[scripts]]\nname = \"slow\"\nentry = \"slow.js\"\n\n\
-                  [[routes]]\npattern = \"*\"\nscript = \"slow\"\n";
+    let config = single_script_config("", "slow.js");
     let handler = r#"
 export default {
   async fetch() {
@@ -426,7 +422,7 @@ export default {
   },
 };
 "#;
-    let mut node = Dev::start_node(&[("node.toml", config), ("slow.js", handler)]);
+    let mut node = Dev::start_node(&[("node.toml", &config), ("slow.js", handler)]);
     let url = node.url("/");
     let in_flight = tokio::spawn(async move {
         let resp = client().get(url).send().await.expect("request");
