@@ -51,6 +51,56 @@ pub async fn serve_admin(
     }
 }
 
+/// One entry per tenant the node routes to or has served, live isolate or
+/// not: its version, live isolates and their memory, requests, total CPU
+/// (ended isolates included) and how long ago its last request came.
+fn tenant_view(node: &EdgeNode, stats: &[atoll_runtime::WorkerStats]) -> Vec<serde_json::Value> {
+    #[derive(Default)]
+    struct Tenant {
+        version: Option<String>,
+        isolates: usize,
+        memory: usize,
+        in_flight: usize,
+        requests: u64,
+        cpu: std::time::Duration,
+        last_request: Option<std::time::Instant>,
+    }
+    let mut tenants: std::collections::BTreeMap<String, Tenant> = Default::default();
+    for d in node.routes().deployments() {
+        tenants.entry(d.tenant.clone()).or_default().version = Some(d.version.clone());
+    }
+    for i in stats.iter().flat_map(|w| w.isolates.iter()) {
+        let t = tenants.entry(i.tenant.clone()).or_default();
+        t.isolates += 1;
+        t.memory += i.memory;
+        t.in_flight += i.in_flight;
+        t.version.get_or_insert_with(|| i.version.clone());
+    }
+    for (tenant, cpu) in stats.iter().flat_map(|w| w.cpu_by_tenant.iter()) {
+        tenants.entry(tenant.clone()).or_default().cpu += *cpu;
+    }
+    for r in node.metrics().tenant_requests() {
+        let t = tenants.entry(r.tenant).or_default();
+        t.requests = r.requests;
+        t.last_request = r.last_request;
+    }
+    tenants
+        .into_iter()
+        .map(|(tenant, t)| {
+            serde_json::json!({
+                "tenant": tenant,
+                "version": t.version,
+                "isolates": t.isolates,
+                "memory_bytes": t.memory,
+                "in_flight": t.in_flight,
+                "requests": t.requests,
+                "cpu_ms": t.cpu.as_secs_f64() * 1e3,
+                "last_request_seconds_ago": t.last_request.map(|at| at.elapsed().as_secs_f64()),
+            })
+        })
+        .collect()
+}
+
 /// The runtime's stats, or none if a worker is too busy to answer soon.
 async fn stats(node: &EdgeNode) -> Vec<atoll_runtime::WorkerStats> {
     tokio::time::timeout(std::time::Duration::from_secs(5), node.runtime().stats())
@@ -72,7 +122,8 @@ async fn answer(node: &EdgeNode, req: Request<Incoming>) -> Response<ResponseBod
         }
         "/tenants" => {
             let stats = stats(node).await;
-            let tenants: Vec<serde_json::Value> = stats
+            let tenants = tenant_view(node, &stats);
+            let isolates: Vec<serde_json::Value> = stats
                 .iter()
                 .flat_map(|w| w.isolates.iter())
                 .map(|i| {
@@ -91,7 +142,7 @@ async fn answer(node: &EdgeNode, req: Request<Incoming>) -> Response<ResponseBod
             (
                 StatusCode::OK,
                 "application/json",
-                serde_json::json!({ "isolates": tenants }).to_string(),
+                serde_json::json!({ "tenants": tenants, "isolates": isolates }).to_string(),
             )
         }
         other => (

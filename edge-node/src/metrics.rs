@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use atoll_runtime::WorkerStats;
 
@@ -27,6 +27,19 @@ struct TenantStats {
     /// Requests by status.
     by_status: BTreeMap<u16, u64>,
     latency: Histogram,
+    /// When the last request recorded arrived.
+    last_request: Option<Instant>,
+}
+
+/// One tenant's request totals, for `/tenants`.
+#[derive(Debug, Clone)]
+pub struct TenantRequests {
+    /// Tenant name.
+    pub tenant: String,
+    /// Requests answered.
+    pub requests: u64,
+    /// When the last of them arrived.
+    pub last_request: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -48,8 +61,9 @@ impl Metrics {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records a request answered for `tenant`.
-    pub fn request(&self, tenant: &str, status: u16, elapsed: Duration) {
+    /// Records a request for `tenant` that arrived at `started` and was
+    /// answered `elapsed` later.
+    pub fn request(&self, tenant: &str, status: u16, started: Instant, elapsed: Duration) {
         let mut m = self.lock();
         // Looked up by reference first: after a tenant's first request the
         // hot path allocates nothing.
@@ -58,6 +72,7 @@ impl Metrics {
             None => m.tenants.entry(tenant.to_string()).or_default(),
         };
         *t.by_status.entry(status).or_default() += 1;
+        t.last_request = t.last_request.max(Some(started));
         let secs = elapsed.as_secs_f64();
         let h = &mut t.latency;
         // Slower than the last bound: only in +Inf (the total count).
@@ -67,6 +82,19 @@ impl Metrics {
         }
         h.count += 1;
         h.sum += secs;
+    }
+
+    /// Each tenant's request totals.
+    pub fn tenant_requests(&self) -> Vec<TenantRequests> {
+        self.lock()
+            .tenants
+            .iter()
+            .map(|(tenant, t)| TenantRequests {
+                tenant: tenant.clone(),
+                requests: t.by_status.values().sum(),
+                last_request: t.last_request,
+            })
+            .collect()
     }
 
     /// Records a request that matched no route.
@@ -268,9 +296,9 @@ mod tests {
     #[test]
     fn renders_counters_and_cumulative_buckets() {
         let m = Metrics::default();
-        m.request("a\"b", 200, Duration::from_micros(700));
-        m.request("a\"b", 200, Duration::from_millis(30));
-        m.request("a\"b", 503, Duration::from_millis(60));
+        m.request("a\"b", 200, Instant::now(), Duration::from_micros(700));
+        m.request("a\"b", 200, Instant::now(), Duration::from_millis(30));
+        m.request("a\"b", 503, Instant::now(), Duration::from_millis(60));
         m.limit_termination("a\"b", "cpu");
         m.unrouted();
         let text = m.render(&[]);

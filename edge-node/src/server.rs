@@ -293,7 +293,7 @@ impl EdgeNode {
         if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
             tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, %peer, status = 413, "body too large");
             self.metrics
-                .request(&deployment.tenant, 413, started.elapsed());
+                .request(&deployment.tenant, 413, started, started.elapsed());
             return HandlingState::Answered(Some(too_large(
                 &request_id,
                 self.limits.max_body_bytes,
@@ -369,7 +369,8 @@ impl EdgeNode {
             Ok(r) => r.status,
             Err(e) => e.status(),
         };
-        self.metrics.request(&deployment.tenant, status, elapsed);
+        self.metrics
+            .request(&deployment.tenant, status, started, elapsed);
         if let Err(DispatchError::Limit(kind, _)) = &result {
             self.metrics.limit_termination(
                 &deployment.tenant,

@@ -190,6 +190,30 @@ async fn admin_listener_reports_health_metrics_and_tenants() {
     assert_eq!(isolates.len(), 1, "{tenants}");
     assert_eq!(isolates[0]["tenant"], "site");
     assert!(isolates[0]["heap_used_bytes"].as_u64().expect("bytes") > 0);
+    // Per tenant, with or without a live isolate.
+    let by_name = |name: &str| {
+        v["tenants"]
+            .as_array()
+            .expect("tenants")
+            .iter()
+            .find(|t| t["tenant"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {tenants}"))
+            .clone()
+    };
+    let site = by_name("site");
+    assert_eq!(site["isolates"], 1, "{site}");
+    assert_eq!(site["requests"], 2, "{site}");
+    assert!(site["memory_bytes"].as_u64().expect("bytes") > 0, "{site}");
+    assert!(
+        site["version"].as_str().is_some_and(|v| !v.is_empty()),
+        "{site}"
+    );
+    let ago = site["last_request_seconds_ago"].as_f64().expect("seconds");
+    assert!((0.0..60.0).contains(&ago), "{site}");
+    let api = by_name("api");
+    assert_eq!(api["isolates"], 0, "{api}");
+    assert_eq!(api["requests"], 0, "{api}");
+    assert!(api["last_request_seconds_ago"].is_null(), "{api}");
 
     // The same for a person.
     let out = run_to_exit(&[], &["node", "status", "--admin", &admin]);
@@ -201,6 +225,11 @@ async fn admin_listener_reports_health_metrics_and_tenants() {
     );
     assert!(stdout.contains("requests 2"), "{stdout}");
     assert!(stdout.contains("site"), "{stdout}");
+    // The tenant without an isolate is listed too.
+    assert!(
+        stdout.lines().any(|l| l.trim_start().starts_with("api ")),
+        "{stdout}"
+    );
     let out = run_to_exit(&[], &["node", "status", "--admin", "127.0.0.1:1"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));

@@ -21,7 +21,9 @@ pub fn print(admin: &str) -> anyhow::Result<()> {
             .lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+            .sum::<f64>()
+            // An empty float sum is -0.0, which would print as "-0".
+            + 0.0
     };
     println!("node {addr}");
     println!(
@@ -42,6 +44,26 @@ pub fn print(admin: &str) -> anyhow::Result<()> {
         total("process_resident_memory_bytes") / 1048576.0
     );
     let empty = Vec::new();
+    println!();
+    println!(
+        "  {:<24} {:<18} {:>8} {:>9} {:>9} {:>10} {:>12}",
+        "TENANT", "VERSION", "ISOLATES", "MEM MiB", "REQUESTS", "CPU ms", "LAST REQ s"
+    );
+    for t in tenants["tenants"].as_array().unwrap_or(&empty) {
+        let last = t["last_request_seconds_ago"]
+            .as_f64()
+            .map_or_else(|| "-".to_string(), |s| format!("{s:.1}"));
+        println!(
+            "  {:<24} {:<18} {:>8} {:>9.1} {:>9} {:>10.1} {:>12}",
+            t["tenant"].as_str().unwrap_or("?"),
+            t["version"].as_str().unwrap_or("-"),
+            t["isolates"].as_u64().unwrap_or(0),
+            t["memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            t["requests"].as_u64().unwrap_or(0),
+            t["cpu_ms"].as_f64().unwrap_or(0.0),
+            last,
+        );
+    }
     let isolates = tenants["isolates"].as_array().unwrap_or(&empty);
     println!();
     println!(
