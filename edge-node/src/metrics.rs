@@ -47,6 +47,8 @@ struct Inner {
     tenants: BTreeMap<String, TenantStats>,
     limit_terminations: BTreeMap<(String, &'static str), u64>,
     unrouted: u64,
+    /// Requests refused before routing, by status (400, 431).
+    rejected: BTreeMap<u16, u64>,
 }
 
 /// Counters and histograms of one node.
@@ -102,6 +104,11 @@ impl Metrics {
         self.lock().unrouted += 1;
     }
 
+    /// Records a request refused with `status` before it could be routed.
+    pub fn rejected(&self, status: u16) {
+        *self.lock().rejected.entry(status).or_default() += 1;
+    }
+
     /// Records an isolate or request ended by a limit.
     pub fn limit_termination(&self, tenant: &str, limit: &'static str) {
         *self
@@ -137,6 +144,17 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE atoll_unrouted_requests_total counter");
         let _ = writeln!(out, "atoll_unrouted_requests_total {}", m.unrouted);
+        let _ = writeln!(
+            out,
+            "# HELP atoll_rejected_requests_total Requests refused before routing (a bad Host, a head too large), by status."
+        );
+        let _ = writeln!(out, "# TYPE atoll_rejected_requests_total counter");
+        for (status, n) in &m.rejected {
+            let _ = writeln!(
+                out,
+                "atoll_rejected_requests_total{{status=\"{status}\"}} {n}"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP atoll_request_duration_seconds Time to the response head, by tenant."
@@ -301,6 +319,8 @@ mod tests {
         m.request("a\"b", 503, Instant::now(), Duration::from_millis(60));
         m.limit_termination("a\"b", "cpu");
         m.unrouted();
+        m.rejected(431);
+        m.rejected(431);
         let text = m.render(&[]);
         assert!(
             text.contains("atoll_requests_total{tenant=\"a\\\"b\",status=\"200\"} 2"),
@@ -312,5 +332,10 @@ mod tests {
         assert!(text.contains("le=\"+Inf\"} 3"));
         assert!(text.contains("atoll_limit_terminations_total{tenant=\"a\\\"b\",limit=\"cpu\"} 1"));
         assert!(text.contains("atoll_unrouted_requests_total 1"));
+        assert!(text.contains("atoll_rejected_requests_total{status=\"431\"} 2"));
+        let tenants = m.tenant_requests();
+        assert_eq!(tenants.len(), 1);
+        assert_eq!(tenants[0].requests, 3);
+        assert!(tenants[0].last_request.is_some());
     }
 }

@@ -138,6 +138,7 @@ impl EdgeNode {
                 }
             };
             let node = self.clone();
+            let conn_node = self.clone();
             let scheme = if tls.is_some() { "https" } else { "http" };
             let deadline = HeadDeadline::new();
             let conn_deadline = deadline.clone();
@@ -210,8 +211,14 @@ impl EdgeNode {
                             .await
                     }
                 };
-                if let Err(e) = result {
-                    tracing::debug!(%peer, "connection ended: {e}");
+                match result {
+                    // hyper answered 431 itself and closed the connection.
+                    Err(e) if e.is_parse_too_large() => {
+                        tracing::info!(target: "atoll::request", %peer, status = 431, "request head too large");
+                        conn_node.metrics.rejected(431);
+                    }
+                    Err(e) => tracing::debug!(%peer, "connection ended: {e}"),
+                    Ok(()) => {}
                 }
             });
         }
@@ -267,6 +274,7 @@ impl EdgeNode {
         // the route: it must be a plain authority.
         let Some(host) = host.filter(|h| is_plain_authority(h)) else {
             tracing::info!(target: "atoll::request", %request_id, %method, %path, %peer, status = 400, "Host is not a valid host name");
+            self.metrics.rejected(400);
             return HandlingState::Answered(Some(plain(
                 StatusCode::BAD_REQUEST,
                 &request_id,

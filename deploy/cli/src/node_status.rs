@@ -27,9 +27,10 @@ pub fn print(admin: &str) -> anyhow::Result<()> {
     };
     println!("node {addr}");
     println!(
-        "  requests {}   unrouted {}   cold starts {}   pool misses {}   limit terminations {}",
+        "  requests {}   unrouted {}   rejected {}   cold starts {}   pool misses {}   limit terminations {}",
         total("atoll_requests_total"),
         total("atoll_unrouted_requests_total"),
+        total("atoll_rejected_requests_total"),
         total("atoll_cold_starts_total"),
         total("atoll_pool_misses_total"),
         total("atoll_limit_terminations_total"),
