@@ -7,7 +7,20 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 /// Fetches `/tenants` and `/metrics` from `admin` and prints a summary.
+/// A reader that stops early (`| head`) is not an error.
 pub fn print(admin: &str) -> anyhow::Result<()> {
+    match write_summary(admin, &mut std::io::stdout().lock()) {
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn write_summary(admin: &str, out: &mut impl Write) -> anyhow::Result<()> {
     let addr = admin
         .trim_start_matches("http://")
         .trim_end_matches('/')
@@ -25,8 +38,9 @@ pub fn print(admin: &str) -> anyhow::Result<()> {
             // An empty float sum is -0.0, which would print as "-0".
             + 0.0
     };
-    println!("node {addr}");
-    println!(
+    writeln!(out, "node {addr}")?;
+    writeln!(
+        out,
         "  requests {}   unrouted {}   rejected {}   cold starts {}   pool misses {}   limit terminations {}",
         total("atoll_requests_total"),
         total("atoll_unrouted_requests_total"),
@@ -34,8 +48,9 @@ pub fn print(admin: &str) -> anyhow::Result<()> {
         total("atoll_cold_starts_total"),
         total("atoll_pool_misses_total"),
         total("atoll_limit_terminations_total"),
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  isolates live {}   pooled {}   evicted {}   isolate memory {:.1} of {:.0} MiB   resident memory {:.1} MiB",
         total("atoll_isolates{state=\"live\"}"),
         total("atoll_isolates{state=\"pooled\"}"),
@@ -43,18 +58,20 @@ pub fn print(admin: &str) -> anyhow::Result<()> {
         total("atoll_isolate_memory_bytes") / 1048576.0,
         total("atoll_isolate_memory_budget_bytes") / 1048576.0,
         total("process_resident_memory_bytes") / 1048576.0
-    );
+    )?;
     let empty = Vec::new();
-    println!();
-    println!(
+    writeln!(out)?;
+    writeln!(
+        out,
         "  {:<24} {:<18} {:>8} {:>9} {:>9} {:>10} {:>12}",
         "TENANT", "VERSION", "ISOLATES", "MEM MiB", "REQUESTS", "CPU ms", "LAST REQ s"
-    );
+    )?;
     for t in tenants["tenants"].as_array().unwrap_or(&empty) {
         let last = t["last_request_seconds_ago"]
             .as_f64()
             .map_or_else(|| "-".to_string(), |s| format!("{s:.1}"));
-        println!(
+        writeln!(
+            out,
             "  {:<24} {:<18} {:>8} {:>9.1} {:>9} {:>10.1} {:>12}",
             t["tenant"].as_str().unwrap_or("?"),
             t["version"].as_str().unwrap_or("-"),
@@ -63,16 +80,18 @@ pub fn print(admin: &str) -> anyhow::Result<()> {
             t["requests"].as_u64().unwrap_or(0),
             t["cpu_ms"].as_f64().unwrap_or(0.0),
             last,
-        );
+        )?;
     }
     let isolates = tenants["isolates"].as_array().unwrap_or(&empty);
-    println!();
-    println!(
+    writeln!(out)?;
+    writeln!(
+        out,
         "  {:<24} {:<18} {:>9} {:>9} {:>9} {:>7} {:>10} {:>9}",
         "TENANT", "VERSION", "HEAP MiB", "MEM MiB", "IN FLIGHT", "QUEUED", "CPU ms", "IDLE s"
-    );
+    )?;
     for i in isolates {
-        println!(
+        writeln!(
+            out,
             "  {:<24} {:<18} {:>9.1} {:>9.1} {:>9} {:>7} {:>10.1} {:>9.1}",
             i["tenant"].as_str().unwrap_or("?"),
             i["version"].as_str().unwrap_or("?"),
@@ -82,10 +101,10 @@ pub fn print(admin: &str) -> anyhow::Result<()> {
             i["queued"].as_u64().unwrap_or(0),
             i["cpu_ms"].as_f64().unwrap_or(0.0),
             i["idle_seconds"].as_f64().unwrap_or(0.0),
-        );
+        )?;
     }
     if isolates.is_empty() {
-        println!("  (no live isolates)");
+        writeln!(out, "  (no live isolates)")?;
     }
     Ok(())
 }
