@@ -74,7 +74,6 @@ pub fn request_body(incoming: Incoming, max_bytes: u64) -> (RequestBody, Option<
             incoming: Some(incoming),
             received: 0,
             max_bytes,
-            done: false,
             too_large: too_large.clone(),
         }),
         length,
@@ -106,11 +105,11 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// takes more from the socket only then, so a handler that reads slowly
 /// slows the client down.
 struct IncomingChunks {
-    /// Taken by the drain when the handler leaves it unread.
+    /// Let go once the body ended, failed or passed its limit; taken by the
+    /// drain when the handler leaves it unread.
     incoming: Option<Incoming>,
     received: u64,
     max_bytes: u64,
-    done: bool,
     too_large: TooLarge,
 }
 
@@ -120,16 +119,13 @@ impl ChunkSource for IncomingChunks {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, String>>> {
         let this = self.get_mut();
-        while !this.done {
-            let Some(incoming) = this.incoming.as_mut() else {
-                break;
-            };
+        while let Some(incoming) = this.incoming.as_mut() {
             let frame = match Pin::new(incoming).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(frame) => frame,
             };
             match frame {
-                None => this.done = true,
+                None => this.incoming = None,
                 Some(Ok(frame)) => {
                     // Trailers are not passed on.
                     let Ok(data) = frame.into_data() else {
@@ -140,7 +136,6 @@ impl ChunkSource for IncomingChunks {
                     }
                     this.received += data.len() as u64;
                     if this.received > this.max_bytes {
-                        this.done = true;
                         this.too_large.0.store(true, Ordering::Relaxed);
                         // Nothing more is read: hyper may close at once.
                         this.incoming = None;
@@ -152,7 +147,7 @@ impl ChunkSource for IncomingChunks {
                     return Poll::Ready(Some(Ok(data)));
                 }
                 Some(Err(e)) => {
-                    this.done = true;
+                    this.incoming = None;
                     return Poll::Ready(Some(Err(e.to_string())));
                 }
             }
@@ -163,9 +158,7 @@ impl ChunkSource for IncomingChunks {
 
 impl Drop for IncomingChunks {
     fn drop(&mut self) {
-        if self.done {
-            return;
-        }
+        // Still here: the handler stopped reading before the end.
         let Some(mut incoming) = self.incoming.take() else {
             return;
         };

@@ -491,8 +491,9 @@ pub fn op_atoll_log(state: &mut OpState, #[smi] level: u8, id: u32, #[string] me
     });
 }
 
-/// What [`op_atoll_fetch_begin`] answers when request's fetches already
-/// waiting for a response head fill all its slots (bootstrap.js knows it).
+/// What [`op_atoll_fetch_begin`] answers when the request's fetches
+/// already waiting for a response head fill all its slots (bootstrap.js
+/// knows it).
 const SLOTS_FULL: &str = "slots full";
 
 /// Admits a `fetch()` of request `id`; returns why it is refused,
