@@ -369,7 +369,7 @@ async fn continuations_that_resume_together_each_have_their_own_budget() {
 async fn a_loop_that_lost_its_requests_context_is_still_stopped() {
     // The loop is a continuation registered at module load, outside any
     // request: no sample can charge it to one, and the isolate's shared
-    // deadline must end it.
+    // deadline must end it. No request is blamed for it either.
     let dev = Dev::start(
         &[(
             "orphan.js",
@@ -379,8 +379,9 @@ async fn a_loop_that_lost_its_requests_context_is_still_stopped() {
             gate.then(() => { for (;;) {} });
             export default {
               async fetch(request) {
-                if (new URL(request.url).pathname === "/release") {
-                  release();
+                const path = new URL(request.url).pathname;
+                if (path === "/release") release();
+                if (path !== "/") {
                   await new Promise((resolve) => setTimeout(resolve, 5000));
                 }
                 return new Response("ok");
@@ -391,6 +392,12 @@ async fn a_loop_that_lost_its_requests_context_is_still_stopped() {
         &["orphan.js", "--cpu-ms", "50"],
     );
     let c = client();
+    let waiting = tokio::spawn(
+        c.get(dev.url("/wait"))
+            .timeout(Duration::from_secs(10))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let resp = c
         .get(dev.url("/release"))
         .timeout(Duration::from_secs(10))
@@ -398,8 +405,16 @@ async fn a_loop_that_lost_its_requests_context_is_still_stopped() {
         .await
         .expect("an answer within 10 s");
     assert_eq!(resp.status(), 503);
-    dev.wait_for_log("CPU time limit of 50 ms per request exceeded")
-        .await;
+    let waited = waiting.await.expect("task").expect("an answer within 10 s");
+    assert_eq!(waited.status(), 503);
+    let log = dev.wait_for_log("GET /wait 503").await;
+    assert!(
+        log.contains("CPU time limit of 50 ms per request exceeded"),
+        "{log}"
+    );
+    // Had the loop been charged to /release, /wait would be told another
+    // request was at fault.
+    assert!(!log.contains("by another request"), "{log}");
     let resp = c.get(dev.url("/")).send().await.expect("request");
     assert_eq!(resp.text().await.expect("text"), "ok");
 }
