@@ -68,31 +68,37 @@ pub(crate) fn from_parts(name: &str, value: &str, rest: &str) -> Result<HeaderMa
 }
 
 /// Content types that `Response` sets itself (text, JSON) and that handlers
-/// often set: shared instead of copied into a new buffer for each response.
-/// bootstrap.js's `COMMON_CONTENT_TYPES` lists them in this order.
-const COMMON_VALUES: [&str; 4] = [
-    "text/plain;charset=UTF-8",
-    "application/json",
-    "text/html;charset=UTF-8",
-    "text/html; charset=utf-8",
+/// often set: shared instead of copied into a new buffer for each response,
+/// and checked once, at compile time. bootstrap.js's
+/// `COMMON_CONTENT_TYPES` lists them in this order.
+static COMMON_VALUES: [HeaderValue; 4] = [
+    HeaderValue::from_static("text/plain;charset=UTF-8"),
+    HeaderValue::from_static("application/json"),
+    HeaderValue::from_static("text/html;charset=UTF-8"),
+    HeaderValue::from_static("text/html; charset=utf-8"),
 ];
 
-/// The header map of a response whose only header is the content type
-/// `COMMON_VALUES[index]`: what `new Response("text")` and
-/// `Response.json(...)` produce, passed as a number instead of two strings.
-pub(crate) fn common_content_type(index: u32) -> Result<HeaderMap, JsErrorBox> {
-    let value = usize::try_from(index)
+/// The content type `COMMON_VALUES[index]`: what `new Response("text")`
+/// and `Response.json(...)` set, passed as a number instead of a string.
+pub(crate) fn common_content_type(index: u32) -> Result<HeaderValue, JsErrorBox> {
+    usize::try_from(index)
         .ok()
         .and_then(|i| COMMON_VALUES.get(i))
-        .ok_or_else(|| JsErrorBox::type_error("unknown common content type"))?;
-    let mut headers = HeaderMap::with_capacity(1);
-    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(value));
-    Ok(headers)
+        .cloned()
+        .ok_or_else(|| JsErrorBox::type_error("unknown common content type"))
+}
+
+/// `headers` emptied (its allocation kept) with `content_type` as its only
+/// header.
+pub(crate) fn only_content_type(mut headers: HeaderMap, content_type: HeaderValue) -> HeaderMap {
+    headers.clear();
+    headers.insert(http::header::CONTENT_TYPE, content_type);
+    headers
 }
 
 fn header_value(value: &[u8]) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
     match COMMON_VALUES.iter().find(|c| c.as_bytes() == value) {
-        Some(common) => Ok(HeaderValue::from_static(common)),
+        Some(common) => Ok(common.clone()),
         None => HeaderValue::from_bytes(value),
     }
 }
@@ -149,7 +155,9 @@ mod tests {
     #[test]
     fn common_content_types_match_their_list() {
         for (i, value) in COMMON_VALUES.iter().enumerate() {
-            let h = common_content_type(i as u32).expect("listed");
+            let mut reused = HeaderMap::new();
+            reused.insert("x-request", HeaderValue::from_static("gone"));
+            let h = only_content_type(reused, common_content_type(i as u32).expect("listed"));
             assert_eq!(h.len(), 1);
             assert_eq!(h["content-type"], *value);
         }

@@ -131,19 +131,6 @@ pub fn op_atoll_request_headers(
         .ok_or_else(|| JsErrorBox::type_error("the request has finished"))
 }
 
-fn send_head(state: &OpState, id: u32, response: Result<OutgoingResponse, HandlerError>) {
-    let bridge = bridge(state);
-    if let Some(p) = bridge.pending.borrow_mut().get_mut(&id)
-        && let Some(tx) = {
-            p.touch(id, &bridge.touched);
-            p.respond.take()
-        }
-    {
-        // The client may have gone away; nothing to do then.
-        let _ = tx.send(response);
-    }
-}
-
 // The respond ops take the header list as bootstrap.js splits it: the
 // first header's name and value, the others joined (see `header_list`).
 // Reading them runs no tenant code. (The text and stream ops are declared
@@ -168,7 +155,7 @@ pub fn op_atoll_respond(
 ) -> Result<(), JsErrorBox> {
     let headers = header_list::from_parts(name, value, rest)?;
     let body = body.map(Bytes::from).unwrap_or_default();
-    respond_full(state, id, status, headers, body, done);
+    respond_full(state, id, status, |_| headers, body, done);
     Ok(())
 }
 
@@ -188,7 +175,7 @@ pub fn op_atoll_respond_text(
 ) -> Result<(), JsErrorBox> {
     let headers = header_list::from_parts(name, value, rest)?;
     let body = Bytes::copy_from_slice(body.as_bytes());
-    respond_full(state, id, status, headers, body, done);
+    respond_full(state, id, status, |_| headers, body, done);
     Ok(())
 }
 
@@ -205,19 +192,27 @@ pub fn op_atoll_respond_text_typed(
     #[string] body: &str,
     done: bool,
 ) -> Result<(), JsErrorBox> {
-    let headers = header_list::common_content_type(content_type)?;
+    let content_type = header_list::common_content_type(content_type)?;
     let body = Bytes::copy_from_slice(body.as_bytes());
-    respond_full(state, id, status, headers, body, done);
+    respond_full(
+        state,
+        id,
+        status,
+        |spare| header_list::only_content_type(spare, content_type),
+        body,
+        done,
+    );
     Ok(())
 }
 
-/// Sends request `id`'s response head with a body known in full; with
-/// `done`, finishes the request too.
+/// Sends request `id`'s response head with a body known in full, its
+/// header map made by `headers` (given a spare map to fill); with `done`,
+/// finishes the request too. One lookup of the request serves both.
 fn respond_full(
     state: &mut OpState,
     id: u32,
     status: u16,
-    headers: http::HeaderMap,
+    headers: impl FnOnce(http::HeaderMap) -> http::HeaderMap,
     body: Bytes,
     done: bool,
 ) {
@@ -226,17 +221,47 @@ fn respond_full(
     } else {
         OutgoingBody::Full(body)
     };
-    send_head(
-        state,
-        id,
-        Ok(OutgoingResponse {
+    let bridge = bridge(state);
+    if !done {
+        send_head(
+            state,
+            id,
+            Ok(OutgoingResponse {
+                status,
+                headers: headers(http::HeaderMap::new()),
+                body,
+            }),
+        );
+        return;
+    }
+    let Some(mut p) = bridge.pending.borrow_mut().remove(&id) else {
+        return;
+    };
+    p.touch(id, &bridge.touched);
+    if let Some(tx) = p.respond.take() {
+        // The request ends with this answer, so its own header map (unless
+        // JS took it) is free: the response's headers reuse its allocation.
+        let spare = p.headers.take().unwrap_or_default();
+        // The client may have gone away; nothing to do then.
+        let _ = tx.send(Ok(OutgoingResponse {
             status,
-            headers,
+            headers: headers(spare),
             body,
-        }),
-    );
-    if done {
-        finish_request(state, id);
+        }));
+    }
+    close_body(state, p.body_rid);
+}
+
+fn send_head(state: &OpState, id: u32, response: Result<OutgoingResponse, HandlerError>) {
+    let bridge = bridge(state);
+    if let Some(p) = bridge.pending.borrow_mut().get_mut(&id)
+        && let Some(tx) = {
+            p.touch(id, &bridge.touched);
+            p.respond.take()
+        }
+    {
+        // The client may have gone away; nothing to do then.
+        let _ = tx.send(response);
     }
 }
 
@@ -457,18 +482,23 @@ pub fn op_atoll_request_done(state: &mut OpState, id: u32) {
 fn finish_request(state: &mut OpState, id: u32) {
     let removed = bridge(state).pending.borrow_mut().remove(&id);
     if let Some(mut p) = removed {
-        if let Some(rid) = p.body_rid.take() {
-            // Already gone if JS read it to the end; that is fine.
-            if let Ok(body) = state.resource_table.take_any(rid) {
-                body.close();
-            }
-        }
+        close_body(state, p.body_rid.take());
         if let Some(tx) = p.respond.take() {
             let _ = tx.send(Err(HandlerError {
                 kind: FailureKind::Exception,
                 detail: "the handler finished without producing a response".into(),
             }));
         }
+    }
+}
+
+/// Lets the client's upload of a finished request go (already gone if JS
+/// read it to the end; that is fine).
+fn close_body(state: &mut OpState, rid: Option<deno_core::ResourceId>) {
+    if let Some(rid) = rid
+        && let Ok(body) = state.resource_table.take_any(rid)
+    {
+        body.close();
     }
 }
 
