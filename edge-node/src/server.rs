@@ -294,10 +294,9 @@ impl EdgeNode {
         };
         drop(routes);
 
-        let declared = headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        // hyper has parsed a declared `content-length` into the body's
+        // exact size (HTTP/1 and HTTP/2): no second header lookup.
+        let declared = hyper::body::Body::size_hint(&body).exact();
         if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
             tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, %peer, status = 413, "body too large");
             self.metrics
