@@ -6,6 +6,7 @@
 //! suffix beats a shorter one, any wildcard beats "any host"; between equal
 //! hosts the longest path prefix wins.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use atoll_runtime::Deployment;
@@ -99,16 +100,44 @@ fn normalize_prefix(prefix: &str) -> String {
 
 #[derive(Clone)]
 struct Route {
-    host: HostPattern,
     /// Starts with `/`, no trailing `/` except for the root prefix itself.
     path_prefix: String,
     deployment: Arc<Deployment>,
 }
 
-/// The route table, swapped as a whole when anything changes.
+/// The routes of one host pattern, longest path prefix first: the first
+/// whose prefix matches a path is the most specific.
+#[derive(Default, Clone)]
+struct ByPrefix(Vec<Route>);
+
+impl ByPrefix {
+    /// Adds `route`, replacing one with the same prefix.
+    fn add(&mut self, route: Route) {
+        self.0.retain(|r| r.path_prefix != route.path_prefix);
+        let at = self
+            .0
+            .partition_point(|r| r.path_prefix.len() >= route.path_prefix.len());
+        self.0.insert(at, route);
+    }
+
+    fn lookup(&self, path: &str) -> Option<&Arc<Deployment>> {
+        self.0
+            .iter()
+            .find(|r| prefix_matches(&r.path_prefix, path))
+            .map(|r| &r.deployment)
+    }
+}
+
+/// The route table, swapped as a whole when anything changes. Indexed by
+/// host, so a lookup costs the same with ten routes or ten thousand: one
+/// probe for the exact host, one per label of the host for wildcards.
 #[derive(Default, Clone)]
 pub struct Routes {
-    routes: Vec<Route>,
+    /// By host name.
+    exact: HashMap<String, ByPrefix>,
+    /// By the suffix after `*.`.
+    wildcard: HashMap<String, ByPrefix>,
+    any: ByPrefix,
 }
 
 impl Routes {
@@ -128,12 +157,13 @@ impl Routes {
         if !path_prefix.starts_with('/') {
             return Err(RouteError::BadPath(path_prefix.to_string()));
         }
-        let path_prefix = normalize_prefix(path_prefix);
-        self.routes
-            .retain(|r| !(r.host == host && r.path_prefix == path_prefix));
-        self.routes.push(Route {
-            host,
-            path_prefix,
+        let routes = match host {
+            HostPattern::Exact(h) => self.exact.entry(h).or_default(),
+            HostPattern::Wildcard(suffix) => self.wildcard.entry(suffix).or_default(),
+            HostPattern::Any => &mut self.any,
+        };
+        routes.add(Route {
+            path_prefix: normalize_prefix(path_prefix),
             deployment,
         });
         Ok(())
@@ -144,11 +174,11 @@ impl Routes {
         let host = lowercase(strip_port(host));
         let host = host.trim_end_matches('.');
         let path = path.split(['?', '#']).next().unwrap_or("/");
-        self.routes
-            .iter()
-            .filter(|r| r.host.matches(host) && prefix_matches(&r.path_prefix, path))
-            .max_by_key(|r| (r.host.rank(), r.path_prefix.len()))
-            .map(|r| &r.deployment)
+        // From the most specific pattern down: the exact host, then
+        // wildcards by longest suffix, then any host. Within a pattern, the
+        // longest matching prefix.
+        self.host_patterns(host)
+            .find_map(|routes| routes.lookup(path))
     }
 
     /// The deployments of the most specific host pattern matching `host`,
@@ -156,12 +186,11 @@ impl Routes {
     pub fn for_host(&self, host: &str) -> Vec<Arc<Deployment>> {
         let host = lowercase(strip_port(host));
         let host = host.trim_end_matches('.');
-        let matching = self.routes.iter().filter(|r| r.host.matches(host));
-        let Some(best) = matching.clone().map(|r| r.host.rank()).max() else {
+        let Some(best) = self.host_patterns(host).find(|r| !r.0.is_empty()) else {
             return Vec::new();
         };
         let mut out: Vec<Arc<Deployment>> = Vec::new();
-        for r in matching.filter(|r| r.host.rank() == best) {
+        for r in &best.0 {
             if !out.iter().any(|d| Arc::ptr_eq(d, &r.deployment)) {
                 out.push(r.deployment.clone());
             }
@@ -169,9 +198,32 @@ impl Routes {
         out
     }
 
+    /// The route lists whose host pattern matches `host` (lowercase, no
+    /// port), most specific first.
+    fn host_patterns<'s, 'h>(
+        &'s self,
+        host: &'h str,
+    ) -> impl Iterator<Item = &'s ByPrefix> + use<'s, 'h> {
+        // `*.suffix` matches hosts with at least one label before `.suffix`:
+        // the suffixes after each dot but the last, longest first.
+        let wildcards = host
+            .match_indices('.')
+            .filter(|&(i, _)| i > 0)
+            .filter_map(|(i, _)| self.wildcard.get(&host[i + 1..]));
+        self.exact
+            .get(host)
+            .into_iter()
+            .chain(wildcards)
+            .chain(std::iter::once(&self.any))
+    }
+
     /// Every deployment routed to.
     pub fn deployments(&self) -> impl Iterator<Item = &Arc<Deployment>> {
-        self.routes.iter().map(|r| &r.deployment)
+        self.exact
+            .values()
+            .chain(self.wildcard.values())
+            .chain(std::iter::once(&self.any))
+            .flat_map(|r| r.0.iter().map(|r| &r.deployment))
     }
 }
 
@@ -319,6 +371,105 @@ mod tests {
         assert_eq!(warm("a.eu.example.com"), ["eu"]);
         assert_eq!(warm("other.org"), ["any"]);
         assert!(Routes::new().for_host("api.example.com").is_empty());
+    }
+
+    /// What the indexed lookup must answer: of all routes whose host
+    /// pattern and path prefix match, the one with the most specific host,
+    /// then the longest prefix.
+    fn lookup_by_scan(
+        routes: &[(HostPattern, &str, String)],
+        host: &str,
+        path: &str,
+    ) -> Option<String> {
+        let host = strip_port(host).to_ascii_lowercase();
+        let host = host.trim_end_matches('.');
+        let path = path.split(['?', '#']).next().unwrap_or("/");
+        routes
+            .iter()
+            .map(|(h, p, t)| (h, normalize_prefix(p), t))
+            .filter(|(h, p, _)| h.matches(host) && prefix_matches(p, path))
+            .max_by_key(|(h, p, _)| (h.rank(), p.len()))
+            .map(|(_, _, t)| t.clone())
+    }
+
+    #[test]
+    fn indexed_lookup_agrees_with_a_scan_of_every_route() {
+        let patterns = [
+            "*",
+            "a.test",
+            "b.a.test",
+            "*.a.test",
+            "*.b.a.test",
+            "*.test",
+            "x.b.a.test",
+            "*.example.com",
+            "api.example.com",
+            "*.eu.example.com",
+        ];
+        let prefixes = ["/", "/v2", "/v2/deep", "/static"];
+        let mut table = Vec::new();
+        let mut r = Routes::new();
+        // Every other (pattern, prefix) pair, so some hosts lack some prefixes.
+        for (i, pattern) in patterns.iter().enumerate() {
+            for (j, prefix) in prefixes.iter().enumerate() {
+                if (i + j) % 2 == 1 {
+                    continue;
+                }
+                let tenant = format!("{pattern}{prefix}");
+                let host = HostPattern::parse(pattern).expect("pattern");
+                r.add(host.clone(), prefix, dep(&tenant)).expect("route");
+                table.push((host, *prefix, tenant));
+            }
+        }
+        let hosts = [
+            "a.test",
+            "b.a.test",
+            "x.b.a.test",
+            "y.x.b.a.test",
+            "c.a.test",
+            "test",
+            "z.test",
+            ".a.test",
+            "a..test",
+            "A.TEST.",
+            "a.test:8080",
+            "api.example.com",
+            "w.eu.example.com",
+            "eu.example.com",
+            "example.com",
+            "other.org",
+            "localhost",
+        ];
+        let paths = [
+            "/",
+            "/v2",
+            "/v2/",
+            "/v2/deep/x",
+            "/v2x",
+            "/static/a.css",
+            "/other?q=1",
+        ];
+        for host in hosts {
+            for path in paths {
+                assert_eq!(
+                    who(&r, host, path),
+                    lookup_by_scan(&table, host, path),
+                    "{host}{path}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_later_route_replaces_one_with_the_same_host_and_prefix() {
+        let mut r = Routes::new();
+        let host = HostPattern::parse("a.test").expect("pattern");
+        r.add(host.clone(), "/v2/", dep("old")).expect("route");
+        r.add(host.clone(), "/", dep("root")).expect("route");
+        r.add(host, "/v2", dep("new")).expect("route");
+        assert_eq!(who(&r, "a.test", "/v2/x").as_deref(), Some("new"));
+        assert_eq!(who(&r, "a.test", "/x").as_deref(), Some("root"));
+        assert_eq!(r.deployments().count(), 2);
     }
 
     #[test]
