@@ -206,10 +206,17 @@ impl Routes {
     ) -> impl Iterator<Item = &'s ByPrefix> + use<'s, 'h> {
         // `*.suffix` matches hosts with at least one label before `.suffix`:
         // the suffixes after each dot but the last, longest first.
-        let wildcards = host
-            .match_indices('.')
-            .filter(|&(i, _)| i > 0)
-            .filter_map(|(i, _)| self.wildcard.get(&host[i + 1..]));
+        // A byte scan (`match_indices` costs several times more), skipped
+        // when there are no wildcard routes.
+        let wildcards = (!self.wildcard.is_empty())
+            .then(|| {
+                host.bytes()
+                    .enumerate()
+                    .filter(|&(i, b)| b == b'.' && i > 0)
+                    .filter_map(|(i, _)| self.wildcard.get(&host[i + 1..]))
+            })
+            .into_iter()
+            .flatten();
         self.exact
             .get(host)
             .into_iter()
