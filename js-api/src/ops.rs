@@ -221,7 +221,6 @@ fn respond_full(
     } else {
         OutgoingBody::Full(body)
     };
-    let bridge = bridge(state);
     if !done {
         send_head(
             state,
@@ -234,6 +233,7 @@ fn respond_full(
         );
         return;
     }
+    let bridge = bridge(state);
     let Some(mut p) = bridge.pending.borrow_mut().remove(&id) else {
         return;
     };
@@ -252,6 +252,7 @@ fn respond_full(
     close_body(state, p.body_rid);
 }
 
+/// Sends request `id`'s response head (or its failure), unless one was sent.
 fn send_head(state: &OpState, id: u32, response: Result<OutgoingResponse, HandlerError>) {
     let bridge = bridge(state);
     if let Some(p) = bridge.pending.borrow_mut().get_mut(&id)
