@@ -205,9 +205,9 @@ impl Routes {
         host: &'h str,
     ) -> impl Iterator<Item = &'s ByPrefix> + use<'s, 'h> {
         // `*.suffix` matches hosts with at least one label before `.suffix`:
-        // the suffixes after each dot but the last, longest first.
-        // A byte scan (`match_indices` costs several times more), skipped
-        // when there are no wildcard routes.
+        // the suffixes after each dot not at the very start, longest first.
+        // Found by a byte scan (`match_indices` costs several times more),
+        // skipped when there are no wildcard routes.
         let wildcards = (!self.wildcard.is_empty())
             .then(|| {
                 host.bytes()
