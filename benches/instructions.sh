@@ -8,6 +8,7 @@
 #   benches/instructions.sh
 #   ATOLL_BIN=path/to/atoll benches/instructions.sh   # skip the build
 #   SERVERS="atoll" benches/instructions.sh          # Atoll only
+#   KEEP=dir benches/instructions.sh                 # keep NAME.cg for callgrind_annotate
 #
 # Each server runs under callgrind pinned to one core, with wrk on the
 # other; counting is switched on only for the measured part of the load.
@@ -62,6 +63,11 @@ count() {
   fi
   printf '%-8s %10s requests %14s instructions %8d per request\n' \
     "$name" "$requests" "$total" "$((total / requests))"
+  if [ -n "${KEEP:-}" ]; then
+    mkdir -p "$KEEP"
+    cp "$work/$name.cg" "$KEEP/$name.cg"
+    echo "$requests" >"$KEEP/$name.requests"
+  fi
 }
 
 for s in $SERVERS; do

@@ -21,6 +21,11 @@ import {
   op_atoll_respond_text_typed,
 } from "ext:core/ops";
 
+// The respond ops a hello-world request calls, rebound by `bindFastCalls`
+// once per isolate: the snapshot can only hold their slow-call versions.
+let respondText = op_atoll_respond_text;
+let respondTextTyped = op_atoll_respond_text_typed;
+
 const {
   ArrayPrototypeIndexOf,
   ArrayPrototypePush,
@@ -951,9 +956,9 @@ function respondFull(id, status, name, value, rest, body, done) {
   if (typeof body === "string") {
     const typed = rest === "" ? commonContentType(name, value) : -1;
     if (typed >= 0) {
-      op_atoll_respond_text_typed(id, status, typed, body, done);
+      respondTextTyped(id, status, typed, body, done);
     } else {
-      op_atoll_respond_text(id, status, name, value, rest, body, done);
+      respondText(id, status, name, value, rest, body, done);
     }
   } else {
     op_atoll_respond(id, status, name, value, rest, body, done);
@@ -1166,12 +1171,27 @@ async function boot(entry, envJson, warmUp = false) {
  * runtime's internals and warms the request path.
  */
 function prepare() {
+  bindFastCalls();
   // `Deno.core` and `__bootstrap` reach every op; tenants get neither.
   delete globalThis.Deno;
   delete globalThis.__bootstrap;
   warmUpRequestPath();
   warmUpDispatch();
   warmUpBoot();
+}
+
+/**
+ * Rebinds the hot respond ops to their fast-call versions. deno_core 0.413
+ * bakes every op into the snapshot as a slow call (V8 cannot serialize
+ * fast-call functions) and re-creates the fast ones, for all ops at once,
+ * only when the isolate first loads a module the snapshot left out:
+ * `fast_calls.js` is that module. Optimized code then calls the ops
+ * without V8's API-callback frame and argument objects.
+ */
+function bindFastCalls() {
+  core.createLazyLoader("ext:atoll_api/fast_calls.js")();
+  respondText = core.ops.op_atoll_respond_text;
+  respondTextTyped = core.ops.op_atoll_respond_text_typed;
 }
 
 /**

@@ -37,6 +37,7 @@ deno_core::extension!(
     ],
     esm_entry_point = "ext:atoll_api/bootstrap.js",
     esm = [dir "js", "bootstrap.js"],
+    lazy_loaded_esm = [dir "js", "fast_calls.js"],
     docs = "Atoll's handler API: global scope, fetch dispatch and host bridge ops.",
 );
 
