@@ -5,7 +5,8 @@
 //! (`Rc`), because an isolate never leaves its worker thread.
 
 use rustc_hash::FxHashMap;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -228,6 +229,14 @@ impl Default for FetchLimits {
     }
 }
 
+/// Decides, right before each request of a delivered batch starts, whether
+/// it starts now (see [`HostBridge::deliver`]).
+pub trait StartGate {
+    /// Whether request `id` may start now; false leaves it and the rest of
+    /// the batch undelivered.
+    fn start(&mut self, id: u32) -> bool;
+}
+
 /// The isolate's end of the host bridge; lives in `OpState`.
 pub struct HostBridge {
     /// In-flight requests by id. Fx-hashed: a lookup happens several times
@@ -239,6 +248,13 @@ pub struct HostBridge {
     /// Requests whose code called a host op (answered, streamed, fetched,
     /// logged) since the host last took this list.
     pub(crate) touched: RefCell<Vec<u32>>,
+    /// The batch being delivered, in the order JS's `dispatchAll` walks it;
+    /// `op_atoll_next_request` takes them in one by one.
+    pub(crate) delivery: RefCell<VecDeque<IncomingRequest>>,
+    /// Asked before each of them starts; none lets every one start.
+    pub(crate) gate: RefCell<Option<Box<dyn StartGate>>>,
+    /// The request `op_atoll_next_request` started last.
+    pub(crate) last_started: Cell<Option<u32>>,
 }
 
 /// The host's end of the bridge for one isolate.
@@ -259,9 +275,64 @@ impl HostBridge {
                 log,
                 fetch_limits: Default::default(),
                 touched: RefCell::new(Vec::new()),
+                delivery: RefCell::new(VecDeque::new()),
+                gate: RefCell::new(None),
+                last_started: Cell::new(None),
             },
             HostHandle { booted: boot_rx },
         )
+    }
+
+    /// Sets what decides whether each delivered request starts.
+    pub fn set_gate(&self, gate: Box<dyn StartGate>) {
+        *self.gate.borrow_mut() = Some(gate);
+    }
+
+    /// Queues `req` for the batch JS walks next: it is taken in (registered
+    /// as pending, its body made a resource) only when its handler starts.
+    pub fn deliver(&self, req: IncomingRequest) {
+        self.delivery.borrow_mut().push_back(req);
+    }
+
+    /// How many requests of the batch are still undelivered.
+    pub fn delivery_len(&self) -> usize {
+        self.delivery.borrow().len()
+    }
+
+    /// The body resource of pending request `id`, if it has one.
+    pub fn body_of(&self, id: u32) -> Option<deno_core::ResourceId> {
+        self.pending.borrow().get(&id).and_then(|p| p.body_rid)
+    }
+
+    /// Moves the undelivered requests of the batch, in order, to the end
+    /// of `into`.
+    pub fn take_undelivered(&self, into: &mut Vec<IncomingRequest>) {
+        into.extend(self.delivery.borrow_mut().drain(..));
+    }
+
+    /// The request started last, since the previous call.
+    pub fn take_last_started(&self) -> Option<u32> {
+        self.last_started.take()
+    }
+
+    /// Starts the next undelivered request if the gate lets it: takes it
+    /// in and returns its id.
+    pub(crate) fn start_next(state: &mut deno_core::OpState) -> Option<u32> {
+        let bridge = state.borrow::<HostBridge>();
+        let req = bridge.delivery.borrow_mut().pop_front()?;
+        let starts = bridge
+            .gate
+            .borrow_mut()
+            .as_mut()
+            .is_none_or(|gate| gate.start(req.id));
+        if !starts {
+            bridge.delivery.borrow_mut().push_front(req);
+            return None;
+        }
+        let id = req.id;
+        bridge.last_started.set(Some(id));
+        accept(state, req);
+        Some(id)
     }
 
     /// Sets the limits on the `fetch()` calls of each request.
@@ -350,22 +421,9 @@ pub enum Stage {
     WaitUntil,
 }
 
-/// A request taken into the isolate, as the dispatch function receives it.
-pub struct Accepted {
-    /// The host's id for the request.
-    pub id: u32,
-    /// HTTP method.
-    pub method: http::Method,
-    /// Absolute URL.
-    pub url: String,
-    /// The body resource, if the request has a body.
-    pub body_rid: Option<deno_core::ResourceId>,
-}
-
 /// Takes `req` into the isolate whose state this is: registers it as
-/// pending and its body as a resource. The caller then passes the result to
-/// the JS dispatch function.
-pub fn accept(state: &mut deno_core::OpState, req: IncomingRequest) -> Accepted {
+/// pending and its body as a resource.
+fn accept(state: &mut deno_core::OpState, req: IncomingRequest) {
     let body_rid = match req.body {
         RequestBody::Empty => None,
         RequestBody::Stream { chunks, length } => Some(
@@ -387,12 +445,6 @@ pub fn accept(state: &mut deno_core::OpState, req: IncomingRequest) -> Accepted 
             touched: false,
         },
     );
-    Accepted {
-        id: req.id,
-        method: req.method,
-        url: req.url,
-        body_rid,
-    }
 }
 
 #[cfg(test)]

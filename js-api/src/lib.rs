@@ -10,15 +10,17 @@ mod header_list;
 mod ops;
 
 pub use bridge::{
-    Accepted, BodyChunks, ChunkSource, FailureKind, FetchLimits, HandlerError, HostBridge,
-    HostHandle, IncomingRequest, LogLine, LogSink, OutgoingBody, OutgoingResponse, RequestBody,
-    RequestId, Stage, accept,
+    BodyChunks, ChunkSource, FailureKind, FetchLimits, HandlerError, HostBridge, HostHandle,
+    IncomingRequest, LogLine, LogSink, OutgoingBody, OutgoingResponse, RequestBody, RequestId,
+    Stage, StartGate,
 };
 
 deno_core::extension!(
     atoll_api,
     deps = [deno_webidl, deno_web, deno_crypto, deno_fetch],
     ops = [
+        ops::op_atoll_next_request,
+        ops::op_atoll_request_body,
         ops::op_atoll_request_headers,
         ops::op_atoll_respond,
         ops::op_atoll_respond_text,

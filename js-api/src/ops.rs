@@ -101,6 +101,26 @@ fn bridge(state: &OpState) -> &HostBridge {
     state.borrow::<HostBridge>()
 }
 
+/// Starts the next request of the batch `dispatchAll` walks, if the host's
+/// gate lets it: takes it in and returns its id; 0 when the batch is done
+/// or the rest must wait for a later poll (host ids start at 1).
+#[op2(fast)]
+pub fn op_atoll_next_request(state: &mut OpState) -> u32 {
+    HostBridge::start_next(state).unwrap_or(0)
+}
+
+/// The body resource of request `id` (one `op_atoll_next_request` took in
+/// with a body).
+#[op2(fast)]
+pub fn op_atoll_request_body(state: &mut OpState, id: u32) -> Result<u32, JsErrorBox> {
+    bridge(state)
+        .pending
+        .borrow()
+        .get(&id)
+        .and_then(|p| p.body_rid)
+        .ok_or_else(|| JsErrorBox::type_error("the request has no body"))
+}
+
 /// The headers of request `id`, handed over once (JS caches them).
 #[op2]
 #[serde]

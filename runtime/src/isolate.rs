@@ -30,8 +30,8 @@ pub(crate) struct Isolate {
     pub(crate) heap_limit: usize,
     /// Set by the near-heap-limit callback.
     pub(crate) heap_exceeded: Arc<AtomicBool>,
-    /// The JS functions that load the tenant's module (`boot`) and run one
-    /// request (`dispatch`), from bootstrap.js.
+    /// The JS functions that load the tenant's module (`boot`) and run a
+    /// batch of requests (`dispatchAll`), from bootstrap.js.
     entry_points: Option<EntryPoints>,
     loader: Rc<BundleLoader>,
     owner: Rc<RefCell<Option<Arc<Deployment>>>>,
@@ -116,9 +116,9 @@ impl Isolate {
                     })
                     .collect();
                 match (function(0), function(1)) {
-                    (Some(boot), Some(dispatch)) => Some(EntryPoints {
+                    (Some(boot), Some(dispatch_all)) => Some(EntryPoints {
                         boot,
-                        dispatch,
+                        dispatch_all,
                         methods,
                     }),
                     _ => {
@@ -169,11 +169,11 @@ impl Isolate {
         }
     }
 
-    /// Starts each of `reqs` in the tenant's handler, in order: direct
-    /// calls into JS, each running until its handler first awaits. All
-    /// share one V8 scope. `starting(id)` runs right before each one; when
-    /// it returns false, that request and the rest stay in `reqs`, for a
-    /// later poll. Stops once `stopped()` says a limit ended a handler; the
+    /// Starts each of `reqs` in the tenant's handler, in order, each running
+    /// until its handler first awaits: one call into JS walks them all,
+    /// asking the bridge's gate (`HostBridge::set_gate`) before each one.
+    /// When the gate says no, that request and the rest stay in `reqs`, for
+    /// a later poll. Once `stopped()` says a limit ended a handler, the
     /// requests left are dropped (their clients hear the isolate ended).
     /// Call inside [`Isolate::run`], with the CPU watchdog armed; the
     /// caller polls the event loop next.
@@ -181,17 +181,12 @@ impl Isolate {
         &mut self,
         reqs: &mut Vec<IncomingRequest>,
         stopped: &dyn Fn() -> bool,
-        starting: &mut dyn FnMut(u32) -> bool,
     ) {
         let op_state = self.js.op_state();
         let Some(entry_points) = &self.entry_points else {
             for req in reqs.drain(..) {
                 // Only a bug in the runtime's own JS gets here.
-                let _ = req.respond.send(Err(atoll_js_api::HandlerError {
-                    kind: FailureKind::Exception,
-                    detail: "the request could not be dispatched: the isolate was not prepared"
-                        .into(),
-                }));
+                fail_undelivered(req, "the isolate was not prepared");
             }
             return;
         };
@@ -200,65 +195,87 @@ impl Isolate {
         v8::scope!(let scope, isolate);
         let context = v8::Local::new(scope, context);
         let scope = &mut v8::ContextScope::new(scope, context);
-        let dispatch = v8::Local::new(scope, &entry_points.dispatch);
+        let dispatch_all = v8::Local::new(scope, &entry_points.dispatch_all);
         let methods = &entry_points.methods;
-        // Drained from a buffer of its own, so the ones left can go back
-        // into `reqs`; the buffer is handed back when none are (the caller
-        // reuses its capacity poll after poll).
-        let mut batch = std::mem::take(reqs);
-        let mut left = batch.drain(..);
-        while let Some(req) = left.next() {
+        // [method, url, has body] for each request, in delivery order.
+        let mut elements: Vec<v8::Local<v8::Value>> = Vec::with_capacity(reqs.len() * 3);
+        {
+            let state = op_state.borrow();
+            let bridge = state.borrow::<HostBridge>();
+            for req in reqs.drain(..) {
+                let method = match methods.iter().find(|(m, _)| *m == req.method) {
+                    Some((_, s)) => Some(v8::Local::new(scope, s)),
+                    None => v8::String::new(scope, req.method.as_str()),
+                };
+                let (Some(method), Some(url)) = (method, v8::String::new(scope, &req.url)) else {
+                    fail_undelivered(req, "an argument is too long for V8");
+                    continue;
+                };
+                let has_body = matches!(req.body, atoll_js_api::RequestBody::Stream { .. });
+                let has_body: v8::Local<v8::Value> = v8::Boolean::new(scope, has_body).into();
+                elements.extend([method.into(), url.into(), has_body]);
+                bridge.deliver(req);
+            }
+        }
+        let batch = v8::Array::new_with_elements(scope, &elements);
+        let total = elements.len() / 3;
+        loop {
+            let left = {
+                let state = op_state.borrow();
+                let bridge = state.borrow::<HostBridge>();
+                bridge.take_last_started();
+                bridge.delivery_len()
+            };
+            if left == 0 || stopped() {
+                break;
+            }
+            v8::tc_scope!(let scope, scope);
+            let from = v8::Integer::new_from_unsigned(scope, ((total - left) * 3) as u32);
+            let Err(e) = call_guarded(scope, dispatch_all, &[batch.into(), from.into()]) else {
+                // Done, or the gate held the rest back.
+                break;
+            };
             if stopped() {
                 break;
             }
-            if !starting(req.id) {
-                reqs.push(req);
-                reqs.extend(left.by_ref());
-                break;
-            }
-            let accepted = atoll_js_api::accept(&mut op_state.borrow_mut(), req);
-            let id = accepted.id;
-            v8::tc_scope!(let scope, scope);
-            let method = match methods.iter().find(|(m, _)| *m == accepted.method) {
-                Some((_, s)) => Some(v8::Local::new(scope, s)),
-                None => v8::String::new(scope, accepted.method.as_str()),
-            };
-            let url = v8::String::new(scope, &accepted.url);
-            let failure = match (method, url) {
-                (Some(method), Some(url)) => {
-                    let body: v8::Local<v8::Value> = match accepted.body_rid {
-                        Some(rid) => v8::Integer::new_from_unsigned(scope, rid).into(),
-                        None => v8::null(scope).into(),
-                    };
-                    let args = [
-                        v8::Integer::new_from_unsigned(scope, id).into(),
-                        method.into(),
-                        url.into(),
-                        body,
-                    ];
-                    call_guarded(scope, dispatch, &args).err()
+            // Something threw past a request's own catch (dispatch
+            // catches everything a handler throws): fail the request it
+            // threw in and go on with the rest.
+            let mut state = op_state.borrow_mut();
+            let Some(id) = state.borrow::<HostBridge>().take_last_started() else {
+                // It threw before starting any: the rest cannot run either.
+                let mut rest = Vec::new();
+                state.borrow::<HostBridge>().take_undelivered(&mut rest);
+                for req in rest {
+                    fail_undelivered(req, &e);
                 }
-                _ => Some("an argument is too long for V8".into()),
+                break;
             };
-            if let Some(e) = failure {
-                let mut state = op_state.borrow_mut();
-                state.borrow::<HostBridge>().fail_one(
+            let body = {
+                let bridge = state.borrow::<HostBridge>();
+                let body = bridge.body_of(id);
+                bridge.fail_one(
                     id,
                     FailureKind::Exception,
                     &format!("the request could not be dispatched: {e}"),
                 );
-                // Nobody will read the body: let the client's upload go.
-                if let Some(rid) = accepted.body_rid
-                    && let Ok(body) = state.resource_table.take_any(rid)
-                {
-                    body.close();
-                }
+                body
+            };
+            // Nobody will read the body: let the client's upload go.
+            if let Some(rid) = body
+                && let Ok(body) = state.resource_table.take_any(rid)
+            {
+                body.close();
             }
         }
-        // Requests left after a limit stopped the isolate are dropped here.
-        drop(left);
-        if reqs.is_empty() {
-            *reqs = batch;
+        let state = op_state.borrow();
+        let bridge = state.borrow::<HostBridge>();
+        if stopped() {
+            // Dropped: their clients hear the isolate ended.
+            let mut dropped = Vec::new();
+            bridge.take_undelivered(&mut dropped);
+        } else {
+            bridge.take_undelivered(reqs);
         }
     }
 
@@ -363,10 +380,18 @@ fn call_guarded<'s>(
         .unwrap_or_else(|| "unknown error".into()))
 }
 
+/// Answers `req`, which never reached JS, with a dispatch failure.
+fn fail_undelivered(req: IncomingRequest, why: &str) {
+    let _ = req.respond.send(Err(atoll_js_api::HandlerError {
+        kind: FailureKind::Exception,
+        detail: format!("the request could not be dispatched: {why}"),
+    }));
+}
+
 /// bootstrap.js's functions the host calls.
 struct EntryPoints {
     boot: v8::Global<v8::Function>,
-    dispatch: v8::Global<v8::Function>,
+    dispatch_all: v8::Global<v8::Function>,
     /// The common methods as internalized strings, made once per isolate
     /// rather than once per request.
     methods: Vec<(http::Method, v8::Global<v8::String>)>,

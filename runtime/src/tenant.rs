@@ -347,6 +347,45 @@ impl Drop for EndGuard {
     }
 }
 
+/// The handler starts of one poll's delivery, as [`StartClock`] records
+/// them for the poll's CPU accounting.
+struct Starts {
+    /// When the poll began, by the wall clock and the thread's CPU clock.
+    wall0: Instant,
+    t0: Duration,
+    /// The request started last, and when.
+    current: Option<(u32, Instant)>,
+    /// The wall time each earlier request's start took until the next one.
+    charges: Vec<(u32, Duration)>,
+}
+
+/// Lets a delivered request start while the poll is within its delivery
+/// slice; gives each handler the whole per-request CPU budget from its
+/// start (the CPU the poll used before it is at most the wall time since
+/// the poll began) and notes the wall time its start took, which becomes
+/// its share of the batch's CPU.
+struct StartClock {
+    starts: Rc<RefCell<Starts>>,
+    watch: Arc<CpuWatch>,
+    cpu_per_request: Duration,
+}
+
+impl atoll_js_api::StartGate for StartClock {
+    fn start(&mut self, id: u32) -> bool {
+        let mut s = self.starts.borrow_mut();
+        let now = Instant::now();
+        if s.current.is_some() && now - s.wall0 >= DELIVERY_SLICE {
+            return false;
+        }
+        if let Some((prev, since)) = s.current.replace((id, now)) {
+            s.charges.push((prev, now - since));
+        }
+        self.watch
+            .rearm(s.t0 + (now - s.wall0) + self.cpu_per_request);
+        true
+    }
+}
+
 /// Runs the isolate until it ends; returns why, and the request that
 /// overran its CPU limit when that ended it and the request is known.
 async fn drive(
@@ -376,6 +415,22 @@ async fn drive(
     // Reused across polls: the handler time of each request delivered in
     // a poll, and the requests whose code called into the host.
     let mut charges: Vec<(u32, Duration)> = Vec::new();
+    let starts = Rc::new(RefCell::new(Starts {
+        wall0: Instant::now(),
+        t0: Duration::ZERO,
+        current: None,
+        charges: Vec::new(),
+    }));
+    isolate
+        .js
+        .op_state()
+        .borrow()
+        .borrow::<HostBridge>()
+        .set_gate(Box::new(StartClock {
+            starts: starts.clone(),
+            watch: watch.clone(),
+            cpu_per_request: limits.cpu_per_request,
+        }));
     let mut touched: Vec<u32> = Vec::new();
     let phase = Rc::new(RefCell::new(LoopPhase::default()));
     let sample = isolate.sampler.as_ref().map(|sampler| {
@@ -442,24 +497,21 @@ async fn drive(
             // After a limit ends a handler, nothing more runs here: the
             // requests not yet delivered are dropped, so their clients
             // hear the isolate ended.
-            // Each delivered request's handler gets the whole per-request
-            // budget: the CPU this poll used before it is at most the wall
-            // time since the poll began. Its own CPU is charged as its share
-            // of the batch's CPU, by the wall time its call took.
-            let mut current: Option<(u32, Instant)> = None;
+            // The bridge's gate (`StartClock`) gives each delivered
+            // handler its budget and notes its start.
             // This thread's CPU time when the event loop's turn begins.
             let mut loop_start = t0;
-            iso.deliver_all(&mut admitted, &stopped, &mut |id| {
-                let now = Instant::now();
-                if current.is_some() && now - wall0 >= DELIVERY_SLICE {
-                    return false;
-                }
-                if let Some((prev, since)) = current.replace((id, now)) {
-                    charges.push((prev, now - since));
-                }
-                watch.rearm(t0 + (now - wall0) + limits.cpu_per_request);
-                true
-            });
+            {
+                let mut s = starts.borrow_mut();
+                (s.wall0, s.t0, s.current) = (wall0, t0, None);
+                std::mem::swap(&mut s.charges, &mut charges);
+            }
+            iso.deliver_all(&mut admitted, &stopped);
+            let current = {
+                let mut s = starts.borrow_mut();
+                std::mem::swap(&mut s.charges, &mut charges);
+                s.current.take()
+            };
             if !admitted.is_empty() {
                 // Out of time for this poll: the rest go back to the head
                 // of the queue, in order, until the next one.
