@@ -374,14 +374,14 @@ impl atoll_js_api::StartGate for StartClock {
     fn start(&mut self, id: u32) -> bool {
         let mut s = self.starts.borrow_mut();
         let now = Instant::now();
-        if s.current.is_some() && now - s.wall0 >= DELIVERY_SLICE {
+        let into_poll = now.saturating_duration_since(s.wall0);
+        if s.current.is_some() && into_poll >= DELIVERY_SLICE {
             return false;
         }
         if let Some((prev, since)) = s.current.replace((id, now)) {
-            s.charges.push((prev, now - since));
+            s.charges.push((prev, now.saturating_duration_since(since)));
         }
-        self.watch
-            .rearm(s.t0 + (now - s.wall0) + self.cpu_per_request);
+        self.watch.rearm(s.t0 + into_poll + self.cpu_per_request);
         true
     }
 }
