@@ -18,8 +18,10 @@ use atoll_runtime::{
 };
 
 // The allocator the `atoll` binary uses, so memory and timings match it.
+#[path = "../src/allocator.rs"]
+mod allocator;
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: allocator::Allocator = allocator::Allocator;
 
 const HANDLER: &str = r#"
 const started = Date.now();
