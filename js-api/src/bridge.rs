@@ -331,7 +331,37 @@ impl HostBridge {
         }
         let id = req.id;
         bridge.last_started.set(Some(id));
-        accept(state, req);
+        // Taken in: registered as pending, its body (if any) made a resource.
+        let pending = Pending {
+            request_id: req.request_id,
+            headers: Some(req.headers),
+            body_rid: None,
+            respond: Some(req.respond),
+            body: None,
+            subrequests: 0,
+            open_fetches: 0,
+            touched: false,
+        };
+        match req.body {
+            // The common case: one look-up of the bridge in the state.
+            RequestBody::Empty => {
+                bridge.pending.borrow_mut().insert(id, pending);
+            }
+            RequestBody::Stream { chunks, length } => {
+                let rid = state
+                    .resource_table
+                    .add(crate::ops::RequestBodyResource::new(chunks, length));
+                let pending = Pending {
+                    body_rid: Some(rid),
+                    ..pending
+                };
+                state
+                    .borrow::<HostBridge>()
+                    .pending
+                    .borrow_mut()
+                    .insert(id, pending);
+            }
+        }
         Some(id)
     }
 
@@ -419,32 +449,6 @@ pub enum Stage {
     /// tenant's remaining work (`ctx.waitUntil`, a stream's cancellation)
     /// is still running.
     WaitUntil,
-}
-
-/// Takes `req` into the isolate whose state this is: registers it as
-/// pending and its body as a resource.
-fn accept(state: &mut deno_core::OpState, req: IncomingRequest) {
-    let body_rid = match req.body {
-        RequestBody::Empty => None,
-        RequestBody::Stream { chunks, length } => Some(
-            state
-                .resource_table
-                .add(crate::ops::RequestBodyResource::new(chunks, length)),
-        ),
-    };
-    state.borrow::<HostBridge>().pending.borrow_mut().insert(
-        req.id,
-        Pending {
-            request_id: req.request_id,
-            headers: Some(req.headers),
-            body_rid,
-            respond: Some(req.respond),
-            body: None,
-            subrequests: 0,
-            open_fetches: 0,
-            touched: false,
-        },
-    );
 }
 
 #[cfg(test)]
