@@ -23,11 +23,13 @@ import {
   op_atoll_respond_text_typed,
 } from "ext:core/ops";
 
-// The respond ops a hello-world request calls, rebound by `bindFastCalls`
-// once per isolate: the snapshot can only hold their slow-call versions.
-let respondText = op_atoll_respond_text;
-let respondTextTyped = op_atoll_respond_text_typed;
-let nextRequest = op_atoll_next_request;
+// The fast-call versions of the ops every request calls, null until
+// `bindFastCalls` finds them (the snapshot holds only the slow ones). They
+// are called from call sites of their own: V8 emits a fast call only where
+// a call site has only ever seen the one function.
+let fastRespondText = null;
+let fastRespondTextTyped = null;
+let fastNextRequest = null;
 
 const {
   ArrayPrototypeIndexOf,
@@ -959,9 +961,17 @@ function respondFull(id, status, name, value, rest, body, done) {
   if (typeof body === "string") {
     const typed = rest === "" ? commonContentType(name, value) : -1;
     if (typed >= 0) {
-      respondTextTyped(id, status, typed, body, done);
+      if (fastRespondTextTyped !== null) {
+        fastRespondTextTyped(id, status, typed, body, done);
+      } else {
+        op_atoll_respond_text_typed(id, status, typed, body, done);
+      }
     } else {
-      respondText(id, status, name, value, rest, body, done);
+      if (fastRespondText !== null) {
+        fastRespondText(id, status, name, value, rest, body, done);
+      } else {
+        op_atoll_respond_text(id, status, name, value, rest, body, done);
+      }
     }
   } else {
     op_atoll_respond(id, status, name, value, rest, body, done);
@@ -1130,15 +1140,33 @@ function handle(id, method, url, bodyRid) {
 }
 
 /**
+ * Requests an isolate serves before `bindFastCalls`: an idle tenant's
+ * isolate never pays its memory, a busy one soon has the fast calls.
+ */
+let requestsBeforeFastCalls = 1000;
+
+/**
  * The host's entry point: runs the requests of one poll, `batch` holding
  * [method, url, has body] for each, from entry `from` on. The host asks
  * itself before each one starts (its CPU accounting and time slice): when
- * `nextRequest` answers 0, the rest wait for a later poll. One call per
- * batch instead of one per request spares V8's entry into JS for each.
+ * `op_atoll_next_request` answers 0, the rest wait for a later poll. One
+ * call per batch instead of one per request spares V8's entry into JS for
+ * each.
  */
 function dispatchAll(batch, from) {
+  if (requestsBeforeFastCalls > 0) {
+    requestsBeforeFastCalls -= (batch.length - from) / 3;
+    if (requestsBeforeFastCalls <= 0) {
+      // The slow calls keep working: no request is failed over this.
+      try {
+        bindFastCalls();
+      } catch {
+        // Nothing to do.
+      }
+    }
+  }
   for (let i = from; i < batch.length; i += 3) {
-    const id = nextRequest();
+    const id = fastNextRequest !== null ? fastNextRequest() : op_atoll_next_request();
     if (id === 0) return;
     dispatch(id, batch[i], batch[i + 1], batch[i + 2] ? op_atoll_request_body(id) : null);
   }
@@ -1189,7 +1217,6 @@ async function boot(entry, envJson, warmUp = false) {
  * runtime's internals and warms the request path.
  */
 function prepare() {
-  bindFastCalls();
   // `Deno.core` and `__bootstrap` reach every op; tenants get neither.
   delete globalThis.Deno;
   delete globalThis.__bootstrap;
@@ -1199,18 +1226,20 @@ function prepare() {
 }
 
 /**
- * Rebinds the hot respond ops to their fast-call versions. deno_core 0.413
+ * Rebinds the hot request ops to their fast-call versions. deno_core 0.413
  * bakes every op into the snapshot as a slow call (V8 cannot serialize
  * fast-call functions) and re-creates the fast ones, for all ops at once,
  * only when the isolate first loads a module the snapshot left out:
  * `fast_calls.js` is that module. Optimized code then calls the ops
- * without V8's API-callback frame and argument objects.
+ * without V8's API-callback frame and argument objects. The new functions
+ * take about 10 KB of heap, so only a busy isolate gets them (see
+ * `dispatchAll`).
  */
 function bindFastCalls() {
   core.createLazyLoader("ext:atoll_api/fast_calls.js")();
-  respondText = core.ops.op_atoll_respond_text;
-  respondTextTyped = core.ops.op_atoll_respond_text_typed;
-  nextRequest = core.ops.op_atoll_next_request;
+  fastRespondText = core.ops.op_atoll_respond_text;
+  fastRespondTextTyped = core.ops.op_atoll_respond_text_typed;
+  fastNextRequest = core.ops.op_atoll_next_request;
 }
 
 /**

@@ -626,3 +626,63 @@ fn pbkdf2_sha256_hex(password: &[u8], salt: &[u8], iterations: u32) -> String {
     }
     hex::encode(t)
 }
+
+/// Past its first thousand requests an isolate switches its hot ops to
+/// V8's fast calls (see `bindFastCalls` in bootstrap.js): every kind of
+/// answer those ops give must come out the same on either side of it.
+#[tokio::test]
+async fn answers_stay_the_same_once_a_busy_isolate_uses_fast_calls() {
+    let dev = Dev::start(
+        &[(
+            "worker.js",
+            r#"
+            export default {
+              async fetch(request) {
+                const { pathname } = new URL(request.url);
+                if (pathname === "/typed") return new Response("plain");
+                if (pathname === "/json") return Response.json({ n: 1 });
+                if (pathname === "/headers") {
+                  return new Response("with headers", {
+                    status: 203,
+                    headers: { "content-type": "text/x-custom", "x-one": "1" },
+                  });
+                }
+                return new Response(`echo ${await request.text()}`);
+              },
+            };
+            "#,
+        )],
+        &["worker.js"],
+    );
+    let c = client();
+    for i in 0..1500 {
+        let (path, expect_status, expect_body, expect_type) = match i % 4 {
+            0 => (
+                "/typed",
+                200,
+                "plain".to_string(),
+                "text/plain;charset=UTF-8",
+            ),
+            1 => ("/json", 200, r#"{"n":1}"#.to_string(), "application/json"),
+            2 => ("/headers", 203, "with headers".to_string(), "text/x-custom"),
+            _ => (
+                "/echo",
+                200,
+                format!("echo {i}"),
+                "text/plain;charset=UTF-8",
+            ),
+        };
+        let resp = if path == "/echo" {
+            c.post(dev.url(path)).body(i.to_string()).send().await
+        } else {
+            c.get(dev.url(path)).send().await
+        }
+        .expect("request");
+        assert_eq!(resp.status(), expect_status, "request {i} to {path}");
+        assert_eq!(resp.headers()["content-type"], expect_type, "request {i}");
+        if path == "/headers" {
+            assert_eq!(resp.headers()["x-one"], "1", "request {i}");
+        }
+        assert_eq!(resp.text().await.expect("body"), expect_body, "request {i}");
+    }
+}
