@@ -18,10 +18,8 @@ use atoll_runtime::{
 };
 
 // The allocator the `atoll` binary uses, so memory and timings match it.
-#[path = "../src/allocator.rs"]
-mod allocator;
 #[global_allocator]
-static GLOBAL: allocator::Allocator = allocator::Allocator;
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const HANDLER: &str = r#"
 const started = Date.now();
