@@ -182,6 +182,10 @@ impl Isolate {
         reqs: &mut Vec<IncomingRequest>,
         stopped: &dyn Fn() -> bool,
     ) {
+        if reqs.is_empty() {
+            // Most polls run continuations and timers only.
+            return;
+        }
         let op_state = self.js.op_state();
         let Some(entry_points) = &self.entry_points else {
             for req in reqs.drain(..) {
