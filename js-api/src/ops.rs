@@ -153,11 +153,10 @@ pub fn op_atoll_request_headers(
 
 // The respond ops take the header list as bootstrap.js splits it: the
 // first header's name and value, the others joined (see `header_list`).
-// Reading them runs no tenant code. (The text and stream ops are declared
-// fast, but ops baked into a deno_core 0.413 snapshot are bound as slow
-// calls; deno_core only re-attaches fast calls after an isolate loads a
-// non-snapshotted script, which costs about a millisecond and measured no
-// gain here.)
+// Reading them runs no tenant code. (Ops baked into a deno_core 0.413
+// snapshot are bound as slow calls; bootstrap.js's `bindFastCalls` gives a
+// busy isolate the fast versions of the text ops and of
+// `op_atoll_next_request`.)
 
 /// Answers request `id` with a body known in full. With `done`, the
 /// request also finishes (as [`op_atoll_request_done`]): the handler
