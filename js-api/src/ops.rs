@@ -114,10 +114,7 @@ pub fn op_atoll_next_request(state: &mut OpState) -> u32 {
 #[op2(fast)]
 pub fn op_atoll_request_body(state: &mut OpState, id: u32) -> Result<u32, JsErrorBox> {
     bridge(state)
-        .pending
-        .borrow()
-        .get(&id)
-        .and_then(|p| p.body_rid)
+        .body_of(id)
         .ok_or_else(|| JsErrorBox::type_error("the request has no body"))
 }
 
