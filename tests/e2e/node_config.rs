@@ -224,7 +224,14 @@ async fn admin_listener_reports_health_metrics_and_tenants() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("requests 2"), "{stdout}");
-    assert!(stdout.contains("site"), "{stdout}");
+    assert!(stdout.contains("by status: 200 2 "), "{stdout}");
+    // The per-tenant request table: statuses and latency percentiles.
+    let site_row = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("site "))
+        .find(|l| l.contains("200 2"))
+        .unwrap_or_else(|| panic!("no request row for site: {stdout}"));
+    assert!(site_row.contains("<= "), "{site_row}");
     // The tenant without an isolate is listed too.
     assert!(
         stdout.lines().any(|l| l.trim_start().starts_with("api ")),

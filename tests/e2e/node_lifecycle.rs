@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{Dev, ca_and_leaf, client, get_text, single_script_config};
+use crate::harness::{Dev, ca_and_leaf, client, get_text, run_to_exit, single_script_config};
 
 /// GETs `path` on `node` with `host`; returns status and body.
 async fn get(c: &reqwest::Client, node: &Dev, host: &str, path: &str) -> (u16, String) {
@@ -247,6 +247,21 @@ export default {
     assert!(
         node.log().contains("concurrency limit"),
         "the log names the limit"
+    );
+    // `atoll node status` breaks both down for a person.
+    let admin_addr = node.admin().await;
+    let out = run_to_exit(&[], &["node", "status", "--admin", &admin_addr]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("terminations by limit: concurrency 1"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.trim_start().starts_with("q ")
+            && l.contains("200 2, 503 1")
+            && l.trim_end().ends_with("concurrency 1")),
+        "{stdout}"
     );
 }
 

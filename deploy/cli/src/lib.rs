@@ -3,6 +3,7 @@
 mod bundler;
 mod dev;
 mod logging;
+mod metrics_text;
 mod node;
 mod node_status;
 mod signals;

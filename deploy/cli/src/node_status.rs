@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use crate::metrics_text::{self, Sample};
+
 /// Fetches `/tenants` and `/metrics` from `admin` and prints a summary.
 /// A reader that stops early (`| head`) is not an error.
 pub fn print(admin: &str) -> anyhow::Result<()> {
@@ -29,15 +31,8 @@ fn write_summary(admin: &str, out: &mut impl Write) -> anyhow::Result<()> {
         .context("the admin listener returned invalid JSON for /tenants")?;
     let metrics = get(&addr, "/metrics")?;
 
-    let total = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-            // An empty float sum is -0.0, which would print as "-0".
-            + 0.0
-    };
+    let samples = metrics_text::parse(&metrics);
+    let total = |name: &str| sum(&samples, name, &[]);
     writeln!(out, "node {addr}")?;
     writeln!(
         out,
@@ -51,9 +46,20 @@ fn write_summary(admin: &str, out: &mut impl Write) -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
+        "  by status: {}   terminations by limit: {}",
+        or_dash(&by_label(&samples, "atoll_requests_total", None, "status")),
+        or_dash(&by_label(
+            &samples,
+            "atoll_limit_terminations_total",
+            None,
+            "limit"
+        )),
+    )?;
+    writeln!(
+        out,
         "  isolates live {}   pooled {}   evicted {}   isolate memory {:.1} of {:.0} MiB   resident memory {:.1} MiB",
-        total("atoll_isolates{state=\"live\"}"),
-        total("atoll_isolates{state=\"pooled\"}"),
+        sum(&samples, "atoll_isolates", &[("state", "live")]),
+        sum(&samples, "atoll_isolates", &[("state", "pooled")]),
         total("atoll_isolates_evicted_total"),
         total("atoll_isolate_memory_bytes") / 1048576.0,
         total("atoll_isolate_memory_budget_bytes") / 1048576.0,
@@ -106,7 +112,115 @@ fn write_summary(admin: &str, out: &mut impl Write) -> anyhow::Result<()> {
     if isolates.is_empty() {
         writeln!(out, "  (no live isolates)")?;
     }
+    write_tenant_requests(
+        &samples,
+        tenants["tenants"].as_array().unwrap_or(&empty),
+        out,
+    )
+}
+
+/// Per tenant: requests by status, latency percentiles (as the histogram
+/// bucket that holds them) and limit terminations by limit.
+fn write_tenant_requests(
+    samples: &[Sample],
+    tenants: &[serde_json::Value],
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let mut names: Vec<String> = tenants
+        .iter()
+        .filter_map(|t| t["tenant"].as_str().map(str::to_string))
+        .collect();
+    // Tenants that served requests but are no longer configured.
+    for s in samples {
+        if s.name == "atoll_requests_total"
+            && let Some(t) = s.label("tenant")
+            && !names.iter().any(|n| n == t)
+        {
+            names.push(t.to_string());
+        }
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "  {:<24} {:<28} {:>9} {:>9}  {}",
+        "TENANT", "REQUESTS BY STATUS", "P50 ms", "P99 ms", "LIMIT TERMINATIONS"
+    )?;
+    for name in &names {
+        let buckets: Vec<(f64, f64)> = samples
+            .iter()
+            .filter(|s| {
+                s.name == "atoll_request_duration_seconds_bucket" && s.label("tenant") == Some(name)
+            })
+            .filter_map(|s| {
+                let le = match s.label("le")? {
+                    "+Inf" => f64::INFINITY,
+                    v => v.parse().ok()?,
+                };
+                Some((le, s.value))
+            })
+            .collect();
+        let pct = |q| match metrics_text::quantile_bound(&buckets, q) {
+            None => "-".to_string(),
+            Some(le) if le.is_infinite() => "> 5000".to_string(),
+            // Whole microseconds: no float noise such as 25.000000000000004.
+            Some(le) => format!("<= {}", (le * 1e6).round() / 1e3),
+        };
+        writeln!(
+            out,
+            "  {:<24} {:<28} {:>9} {:>9}  {}",
+            name,
+            or_dash(&by_label(
+                samples,
+                "atoll_requests_total",
+                Some(name),
+                "status"
+            )),
+            pct(0.5),
+            pct(0.99),
+            or_dash(&by_label(
+                samples,
+                "atoll_limit_terminations_total",
+                Some(name),
+                "limit"
+            )),
+        )?;
+    }
     Ok(())
+}
+
+/// The sum of the samples named `name` that carry all of `labels`.
+fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
+        .map(|s| s.value)
+        .sum::<f64>()
+        // An empty float sum is -0.0, which would print as "-0".
+        + 0.0
+}
+
+/// `key value` pairs of metric `name` summed by label `key` (for one
+/// tenant, or all), e.g. "200 41, 404 2".
+fn by_label(samples: &[Sample], name: &str, tenant: Option<&str>, key: &str) -> String {
+    let mut totals: std::collections::BTreeMap<&str, f64> = std::collections::BTreeMap::new();
+    for s in samples
+        .iter()
+        .filter(|s| s.name == name && tenant.is_none_or(|t| s.label("tenant") == Some(t)))
+    {
+        if let Some(k) = s.label(key) {
+            *totals.entry(k).or_default() += s.value;
+        }
+    }
+    totals
+        .iter()
+        .filter(|(_, n)| **n > 0.0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() { "-" } else { s }
 }
 
 /// A minimal HTTP/1.1 GET; the admin listener answers with a fixed-length body.
