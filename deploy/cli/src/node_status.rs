@@ -142,8 +142,8 @@ fn write_tenant_requests(
     writeln!(out)?;
     writeln!(
         out,
-        "  {:<24} {:<28} {:>9} {:>9}  {}",
-        "TENANT", "REQUESTS BY STATUS", "P50 ms", "P99 ms", "LIMIT TERMINATIONS"
+        "  {:<24} {:<28} {:>9} {:>9}  LIMIT TERMINATIONS",
+        "TENANT", "REQUESTS BY STATUS", "P50 ms", "P99 ms"
     )?;
     for name in &names {
         let buckets: Vec<(f64, f64)> = samples
