@@ -96,6 +96,7 @@ struct LimitsSection {
     fetch_concurrency: Option<Spanned<u64>>,
     fetch_response_mb: Option<Spanned<u64>>,
     max_body_mb: Option<Spanned<u64>>,
+    max_header_kb: Option<Spanned<u64>>,
     head_timeout_ms: Option<Spanned<u64>>,
 }
 
@@ -352,6 +353,19 @@ impl NodeConfig {
             server.max_body_bytes =
                 mebibytes(mb, "limits.max_body_mb", 1, MAX_BODY_MB, &invalid)? as u64;
         }
+        if let Some(kb) = &file.limits.max_header_kb {
+            let n = *kb.get_ref();
+            if !(1..=MAX_HEADER_KB).contains(&n) {
+                return Err(invalid(
+                    kb.span(),
+                    format!(
+                        "limits.max_header_kb: {n} is out of range; use 1 to {MAX_HEADER_KB} (KiB)"
+                    ),
+                ));
+            }
+            // In range, so it fits any usize.
+            server.max_header_bytes = (n * 1024) as usize;
+        }
         if let Some(ms) = &file.limits.head_timeout_ms {
             server.header_read_timeout =
                 Duration::from_millis(positive(ms, "limits.head_timeout_ms", &invalid)?);
@@ -371,6 +385,13 @@ impl NodeConfig {
                 return Err(invalid(
                     ms.span(),
                     "scripts.limits.head_timeout_ms: the head timeout is node-wide; set it in [limits]"
+                        .into(),
+                ));
+            }
+            if let Some(kb) = &s.limits.max_header_kb {
+                return Err(invalid(
+                    kb.span(),
+                    "scripts.limits.max_header_kb: the header limit is node-wide; set it in [limits]"
                         .into(),
                 ));
             }
@@ -479,6 +500,10 @@ const MAX_ISOLATE_MEMORY_MB: u64 = 1024 * 1024;
 const MAX_CONCURRENCY: u64 = 100_000;
 /// Largest request body limit.
 const MAX_BODY_MB: u64 = 16 * 1024;
+
+/// Largest request head `limits.max_header_kb` may allow, in KiB: hyper
+/// buffers a whole head in memory per connection.
+const MAX_HEADER_KB: u64 = 1024;
 
 /// `v` MiB in bytes, if `min <= v <= max`.
 fn mebibytes<E>(
@@ -590,6 +615,7 @@ addr = "127.0.0.1:8080"
 [limits]
 cpu_ms = 20
 max_body_mb = 5
+max_header_kb = 16
 max_concurrent = 8
 
 [[scripts]]
@@ -606,6 +632,7 @@ script = "api"
         .expect("valid");
         assert_eq!(c.threads, Some(2));
         assert_eq!(c.server.max_body_bytes, 5 * 1024 * 1024);
+        assert_eq!(c.server.max_header_bytes, 16 * 1024);
         let s = &c.scripts[0];
         assert_eq!(s.limits.cpu_per_request, Duration::from_millis(100));
         assert_eq!(s.limits.heap_bytes, 64 * 1024 * 1024);
@@ -663,6 +690,16 @@ script = "api"
                 "[[listen]]\naddr = \"127.0.0.1:1\"\n[outbound]\nnameservers = [\"dns.example\"]\n",
                 4,
                 "outbound.nameservers",
+            ),
+            (
+                "[[listen]]\naddr = \"127.0.0.1:1\"\n[limits]\nmax_header_kb = 0\n",
+                4,
+                "limits.max_header_kb: 0 is out of range",
+            ),
+            (
+                "[[listen]]\naddr = \"127.0.0.1:1\"\n[[scripts]]\nname = \"a\"\nentry = \"x.js\"\nlimits = { max_header_kb = 8 }\n",
+                6,
+                "node-wide",
             ),
             (
                 "[[listen]]\naddr = \"127.0.0.1:1\"\n[limits]\nmax_concurrent = 0\n",

@@ -553,3 +553,24 @@ async fn a_slow_reader_gets_a_whole_large_response_past_the_head_timeout() {
     );
     assert_eq!(body_bytes, SIZE, "the body was cut: {}", node.log());
 }
+
+#[tokio::test]
+async fn the_request_head_limit_comes_from_the_config() {
+    let config = single_script_config("max_header_kb = 4", "h.js");
+    let node = Dev::start_node(&[
+        ("node.toml", &config),
+        (
+            "h.js",
+            "export default { fetch: (r) => new Response(String(r.headers.get('x-pad').length)) };\n",
+        ),
+    ]);
+    let c = client();
+    let send = |pad: usize| c.get(node.url("/")).header("x-pad", "a".repeat(pad)).send();
+    // Under the 4 KiB limit: the handler sees the whole header.
+    let resp = send(3 * 1024).await.expect("request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.expect("text"), "3072");
+    // Over it, though far under the 64 KiB default: 431 from the server.
+    let resp = send(6 * 1024).await.expect("request");
+    assert_eq!(resp.status(), 431);
+}
