@@ -550,11 +550,19 @@ impl Protocols {
         let mut h1 = hyper::server::conn::http1::Builder::new();
         // The head timeout is the connection's HeadDeadline, not hyper's
         // per-request timer.
+        // Half-close: a client may shut down its sending side after the
+        // request and still gets the answer. Without it hyper reads the
+        // socket again while each request is in flight, only to notice a
+        // departed client early; that read reallocates its 8 KiB buffer
+        // (the request's headers still share the old one) and cost about
+        // 5 % of a small request's instructions. A client that leaves is
+        // now noticed at the next write of its response.
         h1.timer(TokioTimer::new())
             .max_buf_size(max_buf)
             .max_header_size(limits.max_header_bytes)
             .header_read_timeout(None)
-            .writev(writev);
+            .writev(writev)
+            .half_close(true);
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .max_header_list_size(max_header_list)

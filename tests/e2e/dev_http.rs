@@ -212,3 +212,36 @@ async fn a_body_the_handler_ignores_does_not_cost_the_connection() {
         .expect("a second response on the same connection");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
+
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    let dev = Dev::start(
+        &[(
+            "later.js",
+            r#"export default {
+              async fetch() {
+                await new Promise((r) => setTimeout(r, 100));
+                return new Response("answered after the client's FIN");
+              },
+            };"#,
+        )],
+        &["later.js"],
+    );
+    let addr = dev.base.trim_start_matches("http://").to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    // Like `nc -N` or `curl` uploading from stdin: nothing more to send.
+    tcp.shutdown().await.expect("shutdown");
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with("answered after the client's FIN"),
+        "{answer}"
+    );
+}
