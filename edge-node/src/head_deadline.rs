@@ -11,9 +11,10 @@
 //! connection itself only reads a flag when it is polled.
 
 use std::future::Future;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,6 +24,10 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 // tokio's clock: the same as std's, but one tests can pause and advance.
 use tokio::time::Instant;
+
+/// `HeadDeadline::active`'s parts: one request started, requests in flight.
+const ONE_STARTED: u64 = 1 << 32;
+const IN_FLIGHT: u64 = u32::MAX as u64;
 
 /// Longest wait for a client to make room for more of a response.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,8 +46,10 @@ pub(crate) enum Idle {
 pub(crate) struct HeadDeadline {
     /// When the connection opened; `idle_since` counts from here.
     opened: Instant,
-    /// Requests whose response is not yet completely handed to hyper.
-    active: AtomicU32,
+    /// Low 32 bits: requests whose response is not yet completely handed
+    /// to hyper. High 32 bits: requests started, wrapping (one atomic add
+    /// keeps both).
+    active: AtomicU64,
     /// Nanoseconds after `opened` when the last response was handed over.
     idle_since: AtomicU64,
     /// A write to the client is waiting for it to read.
@@ -53,7 +60,11 @@ pub(crate) struct HeadDeadline {
     expired: AtomicBool,
     /// Set when the node shuts down: finish the request in flight, then close.
     draining: AtomicBool,
-    /// The connection's task, woken when `expired` or `draining` is set.
+    /// Set when a request has been in flight for a whole limit: the
+    /// connection looks whether its client is still there.
+    check_peer: AtomicBool,
+    /// The connection's task, woken when `expired`, `draining` or
+    /// `check_peer` is set.
     connection: AtomicWaker,
 }
 
@@ -62,12 +73,13 @@ impl HeadDeadline {
     pub(crate) fn new() -> Arc<HeadDeadline> {
         Arc::new(HeadDeadline {
             opened: Instant::now(),
-            active: AtomicU32::new(0),
+            active: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
             write_progress: AtomicU64::new(0),
             expired: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            check_peer: AtomicBool::new(false),
             connection: AtomicWaker::new(),
         })
     }
@@ -86,7 +98,7 @@ impl HeadDeadline {
     /// Marks a request head as received; the request counts as active
     /// until the returned guard (moved into its response body) drops.
     pub(crate) fn request_started(self: &Arc<Self>) -> ActiveRequest {
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.active.fetch_add(ONE_STARTED | 1, Ordering::Relaxed);
         ActiveRequest(self.clone())
     }
 
@@ -97,10 +109,17 @@ impl HeadDeadline {
     /// head) drops it, closing the socket, and returns `None`; with
     /// [`Idle::ShutDown`] (HTTP/2, whose peer may still open streams) shuts
     /// it down gracefully, as on drain.
+    ///
+    /// `peer` is the socket `connection` owns, for HTTP/1 served with
+    /// half-close (hyper then does not read while a request is in flight):
+    /// once a request has been in flight for a whole limit (checked once
+    /// per limit), the socket is peeked and a connection its client closed or
+    /// reset is dropped, which cancels a response stream nobody reads.
     pub(crate) async fn serve<F: Future>(
         self: &Arc<Self>,
         connection: F,
         limit: Option<(Duration, Idle)>,
+        peer: Option<RawFd>,
         shut_down: impl Fn(Pin<&mut F>),
     ) -> Option<F::Output> {
         let graceful = matches!(limit, Some((_, Idle::ShutDown)));
@@ -115,6 +134,13 @@ impl HeadDeadline {
         };
         std::future::poll_fn(|cx| {
             if !graceful && self.expired.load(Ordering::Acquire) {
+                return Poll::Ready(None);
+            }
+            if let Some(fd) = peer
+                && self.check_peer.swap(false, Ordering::AcqRel)
+                && peer_closed(fd)
+            {
+                tracing::debug!("the client closed its connection with a request in flight");
                 return Poll::Ready(None);
             }
             if !shutting_down && stop() {
@@ -139,13 +165,26 @@ impl HeadDeadline {
     /// waited longer than `limit` for a request head with no request active.
     async fn expire_after(self: Arc<Self>, limit: Duration) {
         let mut wake = self.opened + limit;
+        // Requests started as of the last check that found one in flight.
+        let mut in_flight_at_last_check = None;
         loop {
             tokio::time::sleep_until(wake).await;
             let now = Instant::now();
-            if self.active.load(Ordering::Acquire) > 0 {
+            let active = self.active.load(Ordering::Acquire);
+            if active & IN_FLIGHT != 0 {
+                let started = active >> 32;
+                if in_flight_at_last_check == Some(started) {
+                    // No request started since the last check, one is in
+                    // flight: it has been for a whole limit at least. Is
+                    // its client still there?
+                    self.check_peer.store(true, Ordering::Release);
+                    self.connection.wake();
+                }
+                in_flight_at_last_check = Some(started);
                 wake = now + limit;
                 continue;
             }
+            in_flight_at_last_check = None;
             let since =
                 |at: &AtomicU64| self.opened + Duration::from_nanos(at.load(Ordering::Acquire));
             let write_progress = since(&self.write_progress);
@@ -165,6 +204,40 @@ impl HeadDeadline {
             }
             wake = due;
         }
+    }
+}
+
+/// Whether the client closed (FIN) or reset the connection on socket `fd`,
+/// looked at without consuming anything. A request it pipelined, or
+/// nothing yet, means it is still there. A FIN cannot be told from a
+/// client that half-closed its side and still waits: after a whole limit
+/// with its request in flight, it counts as gone. Over TLS a close_notify
+/// alert waits unread before the FIN and hides it; such a client is noticed
+/// at the next write.
+fn peer_closed(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `fd` is the socket of the connection that `serve` is polling
+    // (see its `peer`), open for as long as that connection lives; recv
+    // writes at most one byte into `byte` and, with MSG_PEEK, consumes
+    // nothing. MSG_DONTWAIT: it never blocks the thread.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => true,
+        n if n > 0 => false,
+        _ => matches!(
+            std::io::Error::last_os_error().kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::NotConnected
+                | std::io::ErrorKind::BrokenPipe
+        ),
     }
 }
 
@@ -328,6 +401,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for TrackedBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU32;
 
     const LIMIT: Duration = Duration::from_secs(10);
 
@@ -342,7 +416,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         assert_eq!(
             state
-                .serve(forever(), Some((LIMIT, Idle::Drop)), |_| {})
+                .serve(forever(), Some((LIMIT, Idle::Drop)), None, |_| {})
                 .await,
             None
         );
@@ -366,7 +440,7 @@ mod tests {
                     }
                 });
                 state
-                    .serve(connection, None, |_| {
+                    .serve(connection, None, None, |_| {
                         counter.fetch_add(1, Ordering::SeqCst);
                     })
                     .await
@@ -384,7 +458,7 @@ mod tests {
         let state = HeadDeadline::new();
         assert_eq!(
             state
-                .serve(async { 7 }, Some((LIMIT, Idle::Drop)), |_| {})
+                .serve(async { 7 }, Some((LIMIT, Idle::Drop)), None, |_| {})
                 .await,
             Some(7)
         );
@@ -398,7 +472,7 @@ mod tests {
             let state = state.clone();
             tokio::spawn(async move {
                 state
-                    .serve(forever(), Some((LIMIT, Idle::Drop)), |_| {})
+                    .serve(forever(), Some((LIMIT, Idle::Drop)), None, |_| {})
                     .await
             })
         };

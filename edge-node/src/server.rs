@@ -556,7 +556,8 @@ impl Protocols {
         // departed client early; that read reallocates its 8 KiB buffer
         // (the request's headers still share the old one) and cost about
         // 5 % of a small request's instructions. A client that leaves is
-        // now noticed at the next write of its response.
+        // now noticed at the next write of its response, or by the head
+        // deadline's look at the socket (see `HeadDeadline::serve`).
         h1.timer(TokioTimer::new())
             .max_buf_size(max_buf)
             .max_header_size(limits.max_header_bytes)
@@ -587,7 +588,12 @@ impl Protocols {
         deadline: &Arc<HeadDeadline>,
     ) -> Result<(), hyper::Error>
     where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        I: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + std::os::fd::AsRawFd
+            + Unpin
+            + Send
+            + 'static,
         S: hyper::service::HttpService<Incoming, ResBody = B> + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -598,27 +604,34 @@ impl Protocols {
         let served = if h2 {
             let connection = self.h2.serve_connection(TokioIo::new(io), service);
             // A peer that answers pings but opens no streams is idle too.
+            // HTTP/2 reads all the time: it sees a departed peer itself.
             deadline
                 .serve(
                     connection,
                     Some((self.head_timeout, Idle::ShutDown)),
+                    None,
                     GracefulConnection::graceful_shutdown,
                 )
                 .await
         } else {
+            // hyper's HTTP/1 half-close: the deadline looks for a departed
+            // client of a long request instead.
+            let peer = io.as_raw_fd();
             let io = TokioIo::new(WriteProgress::new(io, deadline.clone()));
             let connection = self.h1.serve_connection(io, service);
             deadline
                 .serve(
                     connection,
                     Some((self.head_timeout, Idle::Drop)),
+                    Some(peer),
                     GracefulConnection::graceful_shutdown,
                 )
                 .await
         };
         served.unwrap_or_else(|| {
-            // No request was running: dropping the connection closed it.
-            tracing::debug!("closed a connection that sent no request head in time");
+            // Dropping the connection closed it: it sent no request head
+            // in time, or its client left with a request in flight.
+            tracing::debug!("closed an idle or abandoned connection");
             Ok(())
         })
     }

@@ -248,6 +248,53 @@ async fn a_stream_whose_client_left_does_not_hold_its_slot() {
 }
 
 #[tokio::test]
+async fn an_idle_stream_whose_client_left_is_noticed_without_a_write() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limits = format!("{ONE_SLOT}\nhead_timeout_ms = 200");
+    let node = Dev::start_node(&[
+        ("node.toml", &single_script_config(&limits, "idle.js")),
+        (
+            "idle.js",
+            r#"
+            export default {
+              fetch(request) {
+                if (new URL(request.url).pathname !== "/stream") return new Response("answered");
+                // One chunk, then silence: no write will fail for a departed client.
+                let sent = false;
+                const body = new ReadableStream({
+                  pull(c) {
+                    if (sent) return new Promise(() => {});
+                    sent = true;
+                    c.enqueue(new TextEncoder().encode("first;"));
+                  },
+                });
+                return new Response(body);
+              },
+            };
+            "#,
+        ),
+    ]);
+    let mut conn = tokio::net::TcpStream::connect(node.addr())
+        .await
+        .expect("connect");
+    conn.write_all(b"GET /stream HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .expect("write");
+    let mut first = [0u8; 256];
+    let n = conn.read(&mut first).await.expect("read");
+    assert!(n > 0 && first.starts_with(b"HTTP/1.1 200"));
+    // While its client listens, the stream holds the only slot.
+    let resp = client().get(node.url("/")).send().await.expect("request");
+    assert_eq!(resp.status(), 503);
+    drop(conn);
+    // The head deadline's look at the socket finds the client gone; the
+    // stream's leftover work then gets one wall-clock limit.
+    node.wait_for_log("the request ended without it").await;
+    let resp = client().get(node.url("/")).send().await.expect("request");
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
 async fn a_waiting_request_is_not_charged_for_other_requests_cpu() {
     let dev = Dev::start(
         &[(
