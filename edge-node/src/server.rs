@@ -329,7 +329,7 @@ impl EdgeNode {
         let answer = span.in_scope(|| self.runtime.dispatch(deployment.clone(), request));
         HandlingState::Dispatched {
             node: self.clone(),
-            ctx: Some(RequestContext {
+            ctx: RequestContext {
                 started,
                 request_id,
                 method,
@@ -339,18 +339,21 @@ impl EdgeNode {
                 span,
                 cpu,
                 body_too_large,
-            }),
+            },
             answer,
         }
     }
 
     /// Records and logs the outcome of a dispatched request and turns it
-    /// into the client's response.
-    fn finish(
+    /// into the client's response, its body wrapped by `wrap`. `ctx` is
+    /// borrowed, not moved: the context and the response are large, and
+    /// each move is a memcpy on this path.
+    fn finish<B>(
         &self,
-        ctx: RequestContext,
+        ctx: &RequestContext,
         result: Result<atoll_runtime::OutgoingResponse, DispatchError>,
-    ) -> Response<ResponseBody> {
+        wrap: impl FnOnce(ResponseBody) -> B,
+    ) -> Response<B> {
         let RequestContext {
             started,
             request_id,
@@ -377,7 +380,7 @@ impl EdgeNode {
             Err(e) => e.status(),
         };
         self.metrics
-            .request(&deployment.tenant, status, started, elapsed);
+            .request(&deployment.tenant, status, *started, elapsed);
         if let Err(DispatchError::Limit(kind, _)) = &result {
             self.metrics.limit_termination(
                 &deployment.tenant,
@@ -399,7 +402,7 @@ impl EdgeNode {
                     "{method} {path} {status} {:.1}ms",
                     elapsed.as_secs_f64() * 1e3
                 );
-                build_response(resp, &request_id)
+                build_response(resp, request_id, wrap)
             }
             Err(e) if oversized => {
                 tracing::info!(
@@ -409,7 +412,7 @@ impl EdgeNode {
                     "{method} {path} 413 {:.1}ms: the request body grew past the limit: {e}",
                     elapsed.as_secs_f64() * 1e3
                 );
-                too_large(&request_id, self.limits.max_body_bytes)
+                too_large(request_id, self.limits.max_body_bytes).map(wrap)
             }
             Err(e) => {
                 let status = e.status();
@@ -429,14 +432,14 @@ impl EdgeNode {
                 }
                 let mut resp = plain(
                     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                    &request_id,
+                    request_id,
                     format!("{} (request id {request_id})\n", e.public_message()),
                 );
                 if matches!(e, DispatchError::Limit(LimitKind::Concurrency, _)) {
                     resp.headers_mut()
                         .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
                 }
-                resp
+                resp.map(wrap)
             }
         }
     }
@@ -454,11 +457,40 @@ enum HandlingState {
     Dispatched {
         /// The node, for metrics and logs once the answer arrives.
         node: Arc<EdgeNode>,
-        /// Taken when the answer arrives.
-        ctx: Option<RequestContext>,
+        /// For the log and metrics once the answer arrives.
+        ctx: RequestContext,
         /// The isolate's answer.
         answer: atoll_runtime::Answer,
     },
+    /// Resolved.
+    Done,
+}
+
+impl HandlingState {
+    /// Polls for the response, its body wrapped by `wrap`.
+    fn poll_response<B>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        wrap: impl FnOnce(ResponseBody) -> B,
+    ) -> std::task::Poll<Response<B>> {
+        use std::task::Poll;
+        let resp = match self {
+            HandlingState::Answered(resp) => resp
+                .take()
+                .expect("Handling polled after completion")
+                .map(wrap),
+            HandlingState::Dispatched { node, ctx, answer } => {
+                let Poll::Ready(result) = std::pin::Pin::new(answer).poll(cx) else {
+                    return Poll::Pending;
+                };
+                node.finish(ctx, result, wrap)
+            }
+            HandlingState::Done => panic!("Handling polled after completion"),
+        };
+        // The context is dropped in place, not moved out.
+        *self = HandlingState::Done;
+        Poll::Ready(resp)
+    }
 }
 
 impl Future for Handling {
@@ -468,19 +500,7 @@ impl Future for Handling {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        use std::task::Poll;
-        match &mut self.0 {
-            HandlingState::Answered(resp) => {
-                Poll::Ready(resp.take().expect("Handling polled after completion"))
-            }
-            HandlingState::Dispatched { node, ctx, answer } => {
-                let Poll::Ready(result) = std::pin::Pin::new(answer).poll(cx) else {
-                    return Poll::Pending;
-                };
-                let ctx = ctx.take().expect("Handling polled after completion");
-                Poll::Ready(node.finish(ctx, result))
-            }
-        }
+        self.0.poll_response(cx, |body| body)
     }
 }
 
@@ -498,11 +518,15 @@ impl Future for Served {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        let std::task::Poll::Ready(resp) = std::pin::Pin::new(&mut self.handling).poll(cx) else {
-            return std::task::Poll::Pending;
-        };
-        let active = self.active.take().expect("Served polled after completion");
-        std::task::Poll::Ready(Ok(resp.map(|body| TrackedBody::new(body, active))))
+        let this = &mut *self;
+        // The body is wrapped as the response is built, not mapped after.
+        let active = &mut this.active;
+        this.handling
+            .0
+            .poll_response(cx, |body| {
+                TrackedBody::new(body, active.take().expect("Served polled after completion"))
+            })
+            .map(Ok)
     }
 }
 
@@ -721,10 +745,11 @@ fn plain(status: StatusCode, request_id: &RequestId, text: String) -> Response<R
     resp
 }
 
-fn build_response(
+fn build_response<B>(
     resp: atoll_runtime::OutgoingResponse,
     request_id: &RequestId,
-) -> Response<ResponseBody> {
+    wrap: impl FnOnce(ResponseBody) -> B,
+) -> Response<B> {
     let status = match StatusCode::from_u16(resp.status) {
         Ok(s) => s,
         Err(_) => {
@@ -732,10 +757,11 @@ fn build_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 request_id,
                 format!("the worker returned an invalid status {}\n", resp.status),
-            );
+            )
+            .map(wrap);
         }
     };
-    let mut out = Response::new(response_body(resp.body));
+    let mut out = Response::new(wrap(response_body(resp.body)));
     *out.status_mut() = status;
     let mut headers = resp.headers;
     // Framing belongs to the server: a tenant-chosen content-length that
