@@ -264,15 +264,16 @@ impl EdgeNode {
             headers,
             ..
         } = parts;
-        let host = match headers.get(http::header::HOST) {
-            Some(h) => h.to_str().ok(),
-            // HTTP/2 carries the host in :authority, not a Host header.
-            None => Some(uri.authority().map_or("localhost", |a| a.as_str())),
-        };
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
         // The host becomes part of the URL the handler parses and selects
         // the route: it must be a plain authority.
-        let Some(host) = host.filter(|h| is_plain_authority(h)) else {
+        let host = match headers.get(http::header::HOST) {
+            Some(h) => plain_host(h),
+            // HTTP/2 carries the host in :authority, not a Host header.
+            None => Some(uri.authority().map_or("localhost", |a| a.as_str()))
+                .filter(|h| is_plain_authority(h)),
+        };
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let Some(host) = host else {
             tracing::info!(target: "atoll::request", %request_id, %method, %path, %peer, status = 400, "Host is not a valid host name");
             self.metrics.rejected(400);
             return HandlingState::Answered(Some(plain(
@@ -687,10 +688,34 @@ async fn is_h2_preface(stream: &tokio::net::TcpStream) -> std::io::Result<bool> 
     }
 }
 
+/// A Host header's value if it is a plain authority (see
+/// [`is_plain_authority`]). The common form, a name of letters, digits,
+/// dots and dashes with an optional port, is recognized in one pass over
+/// the bytes, without first checking them as a string.
+fn plain_host(value: &HeaderValue) -> Option<&str> {
+    let bytes = value.as_bytes();
+    let name_end = bytes
+        .iter()
+        .position(|&b| !is_name_byte(b))
+        .unwrap_or(bytes.len());
+    let simple = name_end > 0
+        && match &bytes[name_end..] {
+            [] => true,
+            [b':', port @ ..] => is_port(port),
+            _ => false,
+        };
+    if simple {
+        // All ASCII: this cannot fail.
+        return std::str::from_utf8(bytes).ok();
+    }
+    value.to_str().ok().filter(|h| is_plain_authority(h))
+}
+
 /// Whether `host` is a plain authority (`name`, `name:port`, `[v6]:port`)
-/// with no user info. Host headers are almost always letters, digits, dots
-/// and dashes with an optional port: those are accepted by a scan, anything
-/// else goes through the `http` crate's full parse.
+/// with no user info and a port a URL can have. Host headers are almost
+/// always letters, digits, dots and dashes with an optional port: those
+/// are accepted by a scan, anything else goes through the `http` crate's
+/// full parse.
 fn is_plain_authority(host: &str) -> bool {
     // A byte search: the char-aware rsplit costs more on this hot path.
     let (name, port) = match host.bytes().rposition(|b| b == b':') {
@@ -698,12 +723,40 @@ fn is_plain_authority(host: &str) -> bool {
         None => (host, None),
     };
     let simple = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-        && port
-            .is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
-    simple || (host.parse::<http::uri::Authority>().is_ok() && !host.contains('@'))
+        && name.bytes().all(is_name_byte)
+        && port.is_none_or(|p| is_port(p.as_bytes()));
+    if simple {
+        return true;
+    }
+    // The http crate accepts an empty host (`:80`) and any digits as a
+    // port; a URL can have neither.
+    let Ok(authority) = host.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    let after_host = host.strip_prefix(authority.host()).unwrap_or(":");
+    !host.contains('@')
+        && !authority.host().is_empty()
+        && match after_host.as_bytes() {
+            [] | [b':'] => true,
+            [b':', port @ ..] => is_port(port),
+            _ => false,
+        }
+}
+
+/// A byte of a plain host name: letters, digits, dots and dashes.
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'.' || b == b'-'
+}
+
+/// Whether `digits` is a TCP port number (0 to 65535).
+fn is_port(digits: &[u8]) -> bool {
+    !digits.is_empty()
+        && digits.len() <= 5
+        && digits.iter().all(u8::is_ascii_digit)
+        && digits
+            .iter()
+            .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+            <= 65535
 }
 
 /// A 16-hex-digit id, unique within the process and unlikely to repeat
@@ -832,6 +885,37 @@ mod tests {
         assert!(!preface(&[b"POST / HTTP/1.1\r\n"]).await);
         assert!(!preface(&[b"P", b"UT / HTTP/1.1\r\n"]).await);
         assert!(!preface(&[b"GET / HTTP/1.1\r\n"]).await);
+    }
+
+    #[test]
+    fn host_headers_must_be_plain_authorities() {
+        let host = |v: &'static str| plain_host(&HeaderValue::from_static(v)).map(str::to_string);
+        for ok in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:18900",
+            "a-b.c:1",
+            "[::1]:8080",
+            "[::1]",
+            "x:65535",
+            "example.com:",
+        ] {
+            assert_eq!(host(ok).as_deref(), Some(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "example.com:65536",
+            "[::1]:99999",
+            "example.com:123456",
+            "user@example.com",
+            "example.com/path",
+            "exa mple.com",
+            "example.com:80:80",
+            "example.com:8a",
+        ] {
+            assert_eq!(host(bad), None, "{bad}");
+        }
     }
 
     #[test]

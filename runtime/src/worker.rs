@@ -222,7 +222,10 @@ impl Worker {
     fn slot_for(&self, deployment: &Arc<Deployment>) -> (Rc<TenantSlot>, bool) {
         if let Some(slot) = self.slots.borrow().get(&deployment.tenant)
             && slot.is_alive()
-            && (slot.deployment.version == deployment.version
+            // Routes hand out the same Arc until they change: usually no
+            // version strings to compare.
+            && (Arc::ptr_eq(&slot.deployment, deployment)
+                || slot.deployment.version == deployment.version
                 // A request routed just before a deploy arrives after it:
                 // serve it on the newer version instead of flapping back.
                 || slot.deployment.generation > deployment.generation)
