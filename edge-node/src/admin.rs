@@ -108,10 +108,32 @@ async fn stats(node: &EdgeNode) -> Vec<atoll_runtime::WorkerStats> {
         .unwrap_or_default()
 }
 
+/// How long `/readyz` waits for each worker thread to answer.
+const READY_PING: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether the node should get traffic: not shutting down, and every
+/// worker thread turning its event loop (a thread held by a runaway
+/// script past the CPU limits would leave its connections unserved).
+async fn readiness(node: &EdgeNode) -> Result<(), String> {
+    if node.is_draining() {
+        return Err("not ready: draining (shutting down; finishing in-flight requests)\n".into());
+    }
+    match node.runtime().unresponsive_worker(READY_PING).await {
+        None => Ok(()),
+        Some(worker) => Err(format!(
+            "not ready: worker thread {worker} did not answer within {} s\n",
+            READY_PING.as_secs()
+        )),
+    }
+}
+
 async fn answer(node: &EdgeNode, req: Request<Incoming>) -> Response<ResponseBody> {
     let (status, content_type, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        "/readyz" => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        "/readyz" => match readiness(node).await {
+            Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", why),
+        },
         "/metrics" => {
             let stats = stats(node).await;
             (

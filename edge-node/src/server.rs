@@ -48,6 +48,9 @@ pub struct EdgeNode {
     routes: ArcSwap<Routes>,
     limits: ServerLimits,
     metrics: crate::metrics::Metrics,
+    /// A listener has begun its shutdown: the node finishes what it has
+    /// and is no longer ready for traffic.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl EdgeNode {
@@ -67,6 +70,7 @@ impl EdgeNode {
             routes: ArcSwap::from_pointee(routes),
             limits,
             metrics: crate::metrics::Metrics::default(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -85,6 +89,12 @@ impl EdgeNode {
     /// The node's request metrics.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         &self.metrics
+    }
+
+    /// Whether the node is shutting down (finishing in-flight requests,
+    /// refusing new connections).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The runtime behind this node.
@@ -223,6 +233,8 @@ impl EdgeNode {
             });
         }
         drop(listener);
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("shutting down: finishing in-flight requests");
         tokio::select! {
             _ = connections.drain() => tracing::info!("all connections closed"),

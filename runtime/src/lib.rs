@@ -397,6 +397,31 @@ impl Runtime {
         );
     }
 
+    /// The first worker whose thread did not answer a ping `within` the
+    /// given time (stuck, or stopped), if any. Workers are pinged at once,
+    /// so this waits at most `within` in all.
+    pub async fn unresponsive_worker(&self, within: std::time::Duration) -> Option<usize> {
+        let pings: Vec<_> = self
+            .workers
+            .iter()
+            .map(|w| {
+                let (tx, rx) = oneshot::channel();
+                w.send(WorkerMsg::Ping { reply: tx }).ok().map(|_| rx)
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + within;
+        for (index, ping) in pings.into_iter().enumerate() {
+            let answered = match ping {
+                Some(rx) => matches!(tokio::time::timeout_at(deadline, rx).await, Ok(Ok(()))),
+                None => false,
+            };
+            if !answered {
+                return Some(index);
+            }
+        }
+        None
+    }
+
     /// Stats of every worker.
     pub async fn stats(&self) -> Vec<WorkerStats> {
         let mut out = Vec::new();

@@ -32,6 +32,8 @@ pub(crate) enum WorkerMsg {
     Retire { tenant: String },
     /// Report live isolates.
     Stats { reply: oneshot::Sender<WorkerStats> },
+    /// Answer at once: the worker's thread is turning its event loop.
+    Ping { reply: oneshot::Sender<()> },
     /// Run a task on this worker's thread (see [`crate::Runtime::spawn_on_worker`]).
     Spawn(Box<dyn FnOnce() -> LocalTask + Send>),
 }
@@ -210,6 +212,9 @@ fn handle(worker: &Rc<Worker>, msg: WorkerMsg) {
         }
         WorkerMsg::Stats { reply } => {
             let _ = reply.send(worker.stats());
+        }
+        WorkerMsg::Ping { reply } => {
+            let _ = reply.send(());
         }
         WorkerMsg::Spawn(task) => {
             tokio::task::spawn_local(task());

@@ -444,14 +444,45 @@ export default {
         (resp.status(), resp.text().await.expect("text"))
     });
     node.wait_for_log("slow request started").await;
+    let admin_url = node.admin().await;
+    let c = client();
+    let status = |path: &'static str| {
+        let c = c.clone();
+        let url = format!("{admin_url}{path}");
+        async move {
+            let resp = c.get(url).send().await.expect("admin request");
+            (resp.status().as_u16(), resp.text().await.expect("text"))
+        }
+    };
+    assert_eq!(status("/readyz").await, (200, "ready\n".to_string()));
     node.signal("INT");
     node.wait_for_log("shutting down: finishing in-flight requests")
         .await;
-    // Draining: the request in flight goes on, new connections are refused.
+    // Draining: the request in flight goes on, new connections are refused,
+    // and the admin listener says the node is alive but not ready.
     let refused = tokio::net::TcpStream::connect(node.addr()).await;
     assert!(
         refused.is_err(),
         "a new connection was accepted while draining"
+    );
+    let (code, text) = status("/readyz").await;
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("draining"), "{text}");
+    assert_eq!(status("/healthz").await, (200, "ok\n".to_string()));
+    let admin_addr = admin_url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        run_to_exit(&[], &["node", "status", "--admin", &admin_addr])
+    })
+    .await
+    .expect("join");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{summary}");
+    assert!(
+        summary
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("not ready: draining")),
+        "{summary}"
     );
     let (code, text) = in_flight.await.expect("join");
     assert_eq!((code.as_u16(), text.as_str()), (200, "finished"));
@@ -459,4 +490,57 @@ export default {
         .await
         .expect("join");
     assert!(exit.success(), "exit status {exit}");
+}
+
+#[tokio::test]
+async fn a_worker_thread_held_by_a_script_makes_the_node_not_ready_until_it_is_freed() {
+    // One worker thread, and a CPU limit long enough for /readyz to see
+    // the thread held.
+    let config = single_script_config("cpu_ms = 4000", "spin.js")
+        .replace("[[listen]]", "[node]\nthreads = 1\n\n[[listen]]");
+    let handler = r#"
+export default {
+  fetch(request) {
+    if (new URL(request.url).pathname === "/spin") {
+      console.log("spinning");
+      for (;;) {}
+    }
+    return new Response("ok");
+  },
+};
+"#;
+    let node = Dev::start_node(&[("node.toml", &config), ("spin.js", handler)]);
+    let c = client();
+    assert_eq!(get(&c, &node, "example.com", "/").await.0, 200);
+    let admin_url = node.admin().await;
+    let readyz = || {
+        let c = c.clone();
+        let url = format!("{admin_url}/readyz");
+        async move {
+            let resp = c.get(url).send().await.expect("admin request");
+            (resp.status().as_u16(), resp.text().await.expect("text"))
+        }
+    };
+    assert_eq!(readyz().await.0, 200);
+
+    let spin_url = node.url("/spin");
+    let spinning = tokio::spawn(async move {
+        client()
+            .get(spin_url)
+            .send()
+            .await
+            .expect("request")
+            .status()
+    });
+    node.wait_for_log("spinning").await;
+    let (code, text) = readyz().await;
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("worker thread 0 did not answer"), "{text}");
+    // The CPU limit ends the script; the thread serves again.
+    assert_eq!(spinning.await.expect("join").as_u16(), 503);
+    assert_eq!(readyz().await, (200, "ready\n".to_string()));
+    assert_eq!(
+        get(&c, &node, "example.com", "/").await,
+        (200, "ok".to_string())
+    );
 }

@@ -150,12 +150,15 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             )));
         }
         println!("atoll node: admin on http://{}", admin.local_addr()?);
-        let mut stop = stop_rx.clone();
+        // The admin listener outlives the drain: load balancers and
+        // operators see /readyz answer 503 meanwhile, not a refused
+        // connection.
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_task = tokio::spawn(atoll_edge_node::serve_admin(
             node.clone(),
             admin,
             async move {
-                let _ = stop.wait_for(|s| *s).await;
+                let _ = admin_stopped.await;
             },
         ));
         tracing::info!(
@@ -168,6 +171,7 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         for s in servers {
             s.await.context("a listener task failed")??;
         }
+        let _ = admin_stop.send(());
         admin_task.await.context("the admin task failed")??;
         println!("atoll node: stopped");
         Ok(())

@@ -30,10 +30,14 @@ fn write_summary(admin: &str, out: &mut impl Write) -> anyhow::Result<()> {
     let tenants: serde_json::Value = serde_json::from_str(&get(&addr, "/tenants")?)
         .context("the admin listener returned invalid JSON for /tenants")?;
     let metrics = get(&addr, "/metrics")?;
+    let ready = match fetch(&addr, "/readyz")? {
+        (200, _) => "ready".to_string(),
+        (_, why) => why.trim().to_string(),
+    };
 
     let samples = metrics_text::parse(&metrics);
     let total = |name: &str| sum(&samples, name, &[]);
-    writeln!(out, "node {addr}")?;
+    writeln!(out, "node {addr}   {ready}")?;
     writeln!(
         out,
         "  requests {}   unrouted {}   rejected {}   cold starts {}   pool misses {}   limit terminations {}",
@@ -225,6 +229,14 @@ fn or_dash(s: &str) -> &str {
 
 /// A minimal HTTP/1.1 GET; the admin listener answers with a fixed-length body.
 fn get(addr: &str, path: &str) -> anyhow::Result<String> {
+    match fetch(addr, path)? {
+        (200, body) => Ok(body),
+        (status, _) => bail!("{addr}{path}: HTTP status {status}"),
+    }
+}
+
+/// GETs `path` from the admin listener at `addr`: status and body.
+fn fetch(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr).with_context(|| {
         format!(
             "cannot reach the node's admin listener at {addr} (is the node running? try --admin)"
@@ -243,11 +255,15 @@ fn get(addr: &str, path: &str) -> anyhow::Result<String> {
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
         bail!("{addr}{path}: not an HTTP response");
     };
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!(
-            "{addr}{path}: {}",
-            head.lines().next().unwrap_or("no status line")
-        );
-    }
-    Ok(body.to_string())
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse::<u16>().ok())
+        .with_context(|| {
+            format!(
+                "{addr}{path}: not an HTTP/1.1 status line: {}",
+                head.lines().next().unwrap_or("")
+            )
+        })?;
+    Ok((status, body.to_string()))
 }
