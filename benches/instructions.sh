@@ -9,6 +9,7 @@
 #   ATOLL_BIN=path/to/atoll benches/instructions.sh   # skip the build
 #   SERVERS="atoll" benches/instructions.sh          # Atoll only
 #   KEEP=dir benches/instructions.sh                 # keep NAME.cg for callgrind_annotate
+#   WORKLOAD=post benches/instructions.sh            # 1 KiB POSTs read with request.text()
 #
 # Each server runs under callgrind pinned to one core, with wrk on the
 # other; counting is switched on only for the measured part of the load.
@@ -21,9 +22,33 @@ SERVERS=${SERVERS:-atoll deno}
 setup_tools
 need_apt valgrind valgrind
 
-cat >"$work/hello.js" <<'JS'
+# The module is always served as hello.js; WORKLOAD=post swaps in
+# benches/post_compare.sh's echo handler and its POST requests.
+wrk_args=()
+case ${WORKLOAD:-hello} in
+  hello)
+    cat >"$work/hello.js" <<'JS'
 export default { fetch() { return new Response("hello") } };
 JS
+    ;;
+  post)
+    cat >"$work/hello.js" <<'JS'
+export default {
+  async fetch(request) {
+    const text = await request.text();
+    return new Response(text.length + "\n");
+  },
+};
+JS
+    cat >"$work/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = string.rep("x", 1024)
+wrk.headers["Content-Type"] = "text/plain"
+LUA
+    wrk_args=(-s "$work/post.lua")
+    ;;
+  *) echo "WORKLOAD must be hello or post" >&2; exit 2 ;;
+esac
 atoll_config hello.js "$PORT_BASE" "[limits]
 cpu_ms = 10000
 wall_ms = 60000"
@@ -41,10 +66,10 @@ count() {
     curl -fsS "http://127.0.0.1:$port/" -o /dev/null 2>/dev/null && break
     sleep 0.1
   done
-  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d5s "http://127.0.0.1:$port/" >/dev/null
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d5s "${wrk_args[@]}" "http://127.0.0.1:$port/" >/dev/null
   callgrind_control -i on "$pid" >/dev/null
   local out
-  out=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" "http://127.0.0.1:$port/")
+  out=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" "${wrk_args[@]}" "http://127.0.0.1:$port/")
   callgrind_control -i off "$pid" >/dev/null
   # callgrind writes its counts as the server exits; a graceful shutdown
   # under valgrind takes a while.

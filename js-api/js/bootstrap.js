@@ -684,8 +684,85 @@ const {
   isReadableStream,
   getReadableStreamResourceBacking,
   isReadableStreamDisturbed,
+  readableStreamClose,
   readableStreamDisturb,
 } = streams;
+const { BadResourcePrototype } = core;
+
+/** `HostInnerBody`'s stream slot before anything asked for the stream. */
+const UNMATERIALIZED = { __proto__: null };
+
+/**
+ * An incoming request's body: the host's body resource, made a
+ * ReadableStream only when something asks for one (`request.body`, a
+ * clone, a proxied fetch), whereupon it behaves as deno_fetch's own. Read
+ * whole first (`text()`, `json()`, `arrayBuffer()`...), it is taken with
+ * one op: no stream, controller, reader or finalizer for the common POST.
+ */
+class HostInnerBody extends InnerBody {
+  constructor(rid) {
+    // InnerBody's constructor stores its argument through the setter below.
+    super(UNMATERIALIZED);
+    this.rid = rid;
+    this.taken = false;
+  }
+
+  get streamOrStatic() {
+    const current = this.materialized;
+    return current === UNMATERIALIZED ? this.materialize() : current;
+  }
+
+  set streamOrStatic(value) {
+    this.materialized = value;
+  }
+
+  /** The stream the body would have had all along. */
+  materialize() {
+    let stream;
+    if (this.taken) {
+      // Read whole already: a used, closed stream, as deno_fetch gives
+      // for a consumed body.
+      stream = new streams.ReadableStream();
+      FunctionPrototypeCall(ReadableStreamPrototypeGetReader, stream);
+      readableStreamDisturb(stream);
+      readableStreamClose(stream);
+    } else {
+      stream = readableStreamForRid(this.rid);
+    }
+    this.materialized = stream;
+    return stream;
+  }
+
+  unusable() {
+    return this.materialized === UNMATERIALIZED ? this.taken : super.unusable();
+  }
+
+  consumed() {
+    return this.materialized === UNMATERIALIZED ? this.taken : super.consumed();
+  }
+
+  consume() {
+    if (this.materialized !== UNMATERIALIZED) return super.consume();
+    if (this.taken) throw new TypeError("Body already consumed");
+    this.taken = true;
+    return readWholeBody(this.rid);
+  }
+}
+
+/** Request body resource `rid` read to its end, then closed. */
+async function readWholeBody(rid) {
+  try {
+    return await core.readAll(rid);
+  } catch (e) {
+    // As deno_fetch words it for a stream whose resource went away.
+    if (ObjectPrototypeIsPrototypeOf(BadResourcePrototype, e)) {
+      throw new TypeError("Cannot read body as underlying resource unavailable");
+    }
+    throw e;
+  } finally {
+    core.tryClose(rid);
+  }
+}
 // Taken before tenant code runs, which may replace them.
 const ReadableStreamPrototypeGetReader = streams.ReadableStreamPrototype.getReader;
 const ReadableStreamPrototypeLocked = ObjectGetOwnPropertyDescriptor(
@@ -1099,7 +1176,7 @@ function hasStreamBody(resp) {
 function handle(id, method, url, bodyRid) {
   const reqBody = bodyRid === null
     ? null
-    : new InnerBody(readableStreamForRid(bodyRid));
+    : new HostInnerBody(bodyRid);
   const req = fromInnerRequest(
     new IncomingInnerRequest(id, method, url, reqBody),
     "immutable",

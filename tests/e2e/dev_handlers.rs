@@ -686,3 +686,92 @@ async fn answers_stay_the_same_once_a_busy_isolate_uses_fast_calls() {
         assert_eq!(resp.text().await.expect("body"), expect_body, "request {i}");
     }
 }
+
+#[tokio::test]
+async fn a_request_body_read_whole_or_as_a_stream_is_used_up_either_way() {
+    let dev = Dev::start(
+        &[(
+            "body.js",
+            r#"
+            export default {
+              async fetch(request) {
+                const path = new URL(request.url).pathname;
+                const out = { usedBefore: request.bodyUsed };
+                if (path === "/whole") {
+                  out.text = await request.text();
+                } else if (path === "/json") {
+                  out.json = await request.json();
+                } else if (path === "/bytes") {
+                  out.bytes = (await request.arrayBuffer()).byteLength;
+                } else if (path === "/stream") {
+                  const reader = request.body.getReader();
+                  let n = 0;
+                  for (;;) {
+                    const { value, done } = await reader.read();
+                    if (done) break;
+                    n += value.byteLength;
+                  }
+                  out.streamed = n;
+                } else if (path === "/clone") {
+                  const copy = request.clone();
+                  out.both = [await copy.text(), await request.text()];
+                } else if (path === "/bad-json") {
+                  try { await request.json(); } catch (e) { out.error = e.name; }
+                }
+                out.usedAfter = request.bodyUsed;
+                out.locked = request.body.locked;
+                try {
+                  await request.text();
+                  out.again = "read again";
+                } catch (e) {
+                  out.again = e.name;
+                }
+                return Response.json(out);
+              },
+            };
+            "#,
+        )],
+        &["body.js"],
+    );
+    let c = client();
+    let post = |path: &'static str, body: &'static str| {
+        let req = c.post(dev.url(path)).body(body);
+        async move {
+            let resp = req.send().await.expect("request");
+            assert_eq!(resp.status(), 200, "{path}");
+            resp.json::<serde_json::Value>().await.expect("json")
+        }
+    };
+    let used = serde_json::json!({ "usedBefore": false, "usedAfter": true, "locked": true, "again": "TypeError" });
+    let with = |extra: serde_json::Value| {
+        let mut v = used.clone();
+        v.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        v
+    };
+    assert_eq!(
+        post("/whole", "hello body").await,
+        with(serde_json::json!({ "text": "hello body" }))
+    );
+    assert_eq!(
+        post("/json", r#"{"a":[1,2]}"#).await,
+        with(serde_json::json!({ "json": { "a": [1, 2] } }))
+    );
+    assert_eq!(
+        post("/bytes", "12345").await,
+        with(serde_json::json!({ "bytes": 5 }))
+    );
+    assert_eq!(
+        post("/stream", "streamed!").await,
+        with(serde_json::json!({ "streamed": 9 }))
+    );
+    assert_eq!(
+        post("/clone", "twice").await,
+        with(serde_json::json!({ "both": ["twice", "twice"] }))
+    );
+    assert_eq!(
+        post("/bad-json", "{nope").await,
+        with(serde_json::json!({ "error": "SyntaxError" }))
+    );
+}
