@@ -23,13 +23,15 @@ import {
   op_atoll_respond_text_typed,
 } from "ext:core/ops";
 
-// The fast-call versions of the ops every request calls, null until
-// `bindFastCalls` finds them (the snapshot holds only the slow ones). They
-// are called from call sites of their own: V8 emits a fast call only where
-// a call site has only ever seen the one function.
+// The fast-call versions of the ops every request (or every request with
+// a body) calls, null until `bindFastCalls` finds them (the snapshot holds
+// only the slow ones). They are called from call sites of their own: V8
+// emits a fast call only where a call site has only ever seen the one
+// function.
 let fastRespondText = null;
 let fastRespondTextTyped = null;
 let fastNextRequest = null;
+let fastRequestBody = null;
 
 const {
   ArrayPrototypeIndexOf,
@@ -1245,7 +1247,12 @@ function dispatchAll(batch, from) {
   for (let i = from; i < batch.length; i += 3) {
     const id = fastNextRequest !== null ? fastNextRequest() : op_atoll_next_request();
     if (id === 0) return;
-    dispatch(id, batch[i], batch[i + 1], batch[i + 2] ? op_atoll_request_body(id) : null);
+    const bodyRid = !batch[i + 2]
+      ? null
+      : fastRequestBody !== null
+      ? fastRequestBody(id)
+      : op_atoll_request_body(id);
+    dispatch(id, batch[i], batch[i + 1], bodyRid);
   }
 }
 
@@ -1317,6 +1324,7 @@ function bindFastCalls() {
   fastRespondText = core.ops.op_atoll_respond_text;
   fastRespondTextTyped = core.ops.op_atoll_respond_text_typed;
   fastNextRequest = core.ops.op_atoll_next_request;
+  fastRequestBody = core.ops.op_atoll_request_body;
 }
 
 /**
