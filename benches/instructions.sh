@@ -10,6 +10,7 @@
 #   SERVERS="atoll" benches/instructions.sh          # Atoll only
 #   KEEP=dir benches/instructions.sh                 # keep NAME.cg for callgrind_annotate
 #   WORKLOAD=post benches/instructions.sh            # 1 KiB POSTs read with request.text()
+#   WORKLOAD=api benches/instructions.sh             # URL, one header, Response.json
 #
 # Each server runs under callgrind pinned to one core, with wrk on the
 # other; counting is switched on only for the measured part of the load.
@@ -47,7 +48,24 @@ wrk.headers["Content-Type"] = "text/plain"
 LUA
     wrk_args=(-s "$work/post.lua")
     ;;
-  *) echo "WORKLOAD must be hello or post" >&2; exit 2 ;;
+  api)
+    cat >"$work/hello.js" <<'JS'
+export default {
+  fetch(request) {
+    const url = new URL(request.url);
+    return Response.json({ path: url.pathname, agent: request.headers.get("user-agent") });
+  },
+};
+JS
+    cat >"$work/api.lua" <<'LUA'
+wrk.headers["User-Agent"] = "Mozilla/5.0 (X11; Linux x86_64) bench"
+wrk.headers["Accept"] = "application/json, text/plain, */*"
+wrk.headers["Accept-Encoding"] = "gzip, deflate, br"
+wrk.headers["Cookie"] = "session=0123456789abcdef; theme=dark"
+LUA
+    wrk_args=(-s "$work/api.lua")
+    ;;
+  *) echo "WORKLOAD must be hello, post or api" >&2; exit 2 ;;
 esac
 atoll_config hello.js "$PORT_BASE" "[limits]
 cpu_ms = 10000

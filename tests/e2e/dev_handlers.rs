@@ -775,3 +775,57 @@ async fn a_request_body_read_whole_or_as_a_stream_is_used_up_either_way() {
         with(serde_json::json!({ "error": "SyntaxError" }))
     );
 }
+
+#[tokio::test]
+async fn request_headers_keep_their_values_bytes_and_repeats() {
+    let dev = Dev::start(
+        &[(
+            "headers.js",
+            r#"
+            export default {
+              fetch(request) {
+                const h = request.headers;
+                return Response.json({
+                  agent: h.get("User-Agent"),
+                  multi: h.get("x-multi"),
+                  missing: h.get("x-missing"),
+                  has: h.has("X-Multi"),
+                  bytes: [...(h.get("x-bytes") ?? "")].map((c) => c.charCodeAt(0)),
+                  names: [...h.keys()].filter((k) => k.startsWith("x-")),
+                  copied: new Request("http://other.example/", request).headers.get("x-multi"),
+                });
+              },
+            };
+            "#,
+        )],
+        &["headers.js"],
+    );
+    let v: serde_json::Value = client()
+        .get(dev.url("/"))
+        .header("user-agent", "atoll-test")
+        .header("x-multi", "a")
+        .header("x-multi", "b")
+        .header(
+            "x-bytes",
+            reqwest::header::HeaderValue::from_bytes(b"c\xc3\xa9").expect("value"),
+        )
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "agent": "atoll-test",
+            "multi": "a, b",
+            "missing": null,
+            "has": true,
+            // One character per byte, as Workers and Deno give them.
+            "bytes": [99, 195, 169],
+            "names": ["x-bytes", "x-multi"],
+            "copied": "a, b",
+        })
+    );
+}
