@@ -23,50 +23,9 @@ SERVERS=${SERVERS:-atoll deno}
 setup_tools
 need_apt valgrind valgrind
 
-# The module is always served as hello.js; WORKLOAD=post swaps in
-# benches/post_compare.sh's echo handler and its POST requests.
+workload "${WORKLOAD:-hello}"
 wrk_args=()
-case ${WORKLOAD:-hello} in
-  hello)
-    cat >"$work/hello.js" <<'JS'
-export default { fetch() { return new Response("hello") } };
-JS
-    ;;
-  post)
-    cat >"$work/hello.js" <<'JS'
-export default {
-  async fetch(request) {
-    const text = await request.text();
-    return new Response(text.length + "\n");
-  },
-};
-JS
-    cat >"$work/post.lua" <<'LUA'
-wrk.method = "POST"
-wrk.body = string.rep("x", 1024)
-wrk.headers["Content-Type"] = "text/plain"
-LUA
-    wrk_args=(-s "$work/post.lua")
-    ;;
-  api)
-    cat >"$work/hello.js" <<'JS'
-export default {
-  fetch(request) {
-    const url = new URL(request.url);
-    return Response.json({ path: url.pathname, agent: request.headers.get("user-agent") });
-  },
-};
-JS
-    cat >"$work/api.lua" <<'LUA'
-wrk.headers["User-Agent"] = "Mozilla/5.0 (X11; Linux x86_64) bench"
-wrk.headers["Accept"] = "application/json, text/plain, */*"
-wrk.headers["Accept-Encoding"] = "gzip, deflate, br"
-wrk.headers["Cookie"] = "session=0123456789abcdef; theme=dark"
-LUA
-    wrk_args=(-s "$work/api.lua")
-    ;;
-  *) echo "WORKLOAD must be hello, post or api" >&2; exit 2 ;;
-esac
+[ -n "${WRK_SCRIPT:-}" ] && wrk_args=(-s "$WRK_SCRIPT")
 atoll_config hello.js "$PORT_BASE" "[limits]
 cpu_ms = 10000
 wall_ms = 60000"

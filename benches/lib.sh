@@ -201,6 +201,57 @@ report() {
   done
 }
 
+# Writes the module for workload $1 to $work/hello.js (every script serves
+# that file) and sets WRK_SCRIPT to the wrk Lua file its requests need:
+#   hello  export default { fetch() { return new Response("hello") } }
+#   post   1 KiB POST bodies read with request.text()
+#   api    new URL(request.url), one header read, Response.json; requests
+#          carry five browser-like headers
+workload() {
+  WRK_SCRIPT=
+  case $1 in
+    hello)
+      cat >"$work/hello.js" <<'JS'
+export default { fetch() { return new Response("hello") } };
+JS
+      ;;
+    post)
+      cat >"$work/hello.js" <<'JS'
+export default {
+  async fetch(request) {
+    const text = await request.text();
+    return new Response(text.length + "\n");
+  },
+};
+JS
+      cat >"$work/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = string.rep("x", 1024)
+wrk.headers["Content-Type"] = "text/plain"
+LUA
+      WRK_SCRIPT="$work/post.lua"
+      ;;
+    api)
+      cat >"$work/hello.js" <<'JS'
+export default {
+  fetch(request) {
+    const url = new URL(request.url);
+    return Response.json({ path: url.pathname, agent: request.headers.get("user-agent") });
+  },
+};
+JS
+      cat >"$work/api.lua" <<'LUA'
+wrk.headers["User-Agent"] = "Mozilla/5.0 (X11; Linux x86_64) bench"
+wrk.headers["Accept"] = "application/json, text/plain, */*"
+wrk.headers["Accept-Encoding"] = "gzip, deflate, br"
+wrk.headers["Cookie"] = "session=0123456789abcdef; theme=dark"
+LUA
+      WRK_SCRIPT="$work/api.lua"
+      ;;
+    *) echo "unknown workload $1 (hello, post or api)" >&2; exit 2 ;;
+  esac
+}
+
 # A node.toml serving $work/$1 for every host on port $2, one worker thread,
 # with extra config $3.
 atoll_config() {

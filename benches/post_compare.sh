@@ -12,25 +12,13 @@
 PORT_BASE=${PORT_BASE:-18770}
 setup_tools
 
-cat >"$work/echo.js" <<'JS'
-export default {
-  async fetch(request) {
-    const text = await request.text();
-    return new Response(text.length + "\n");
-  },
-};
-JS
-cat >"$work/post.lua" <<'LUA'
-wrk.method = "POST"
-wrk.body = string.rep("x", 1024)
-wrk.headers["Content-Type"] = "text/plain"
-LUA
-WRK_SCRIPT="$work/post.lua"
+# The echo module and its 1 KiB POSTs (`workload post` in lib.sh).
+workload post
 p_atoll=$PORT_BASE p_deno=$((PORT_BASE + 1))
-atoll_config echo.js "$p_atoll"
+atoll_config hello.js "$p_atoll"
 
 serve_atoll() { run atoll "$p_atoll" env ATOLL_LOG=warn "$atoll" node --config node.toml; }
-serve_deno() { run deno "$p_deno" "$deno" serve --quiet --port "$p_deno" echo.js; }
+serve_deno() { run deno "$p_deno" "$deno" serve --quiet --port "$p_deno" hello.js; }
 rounds atoll deno
 
 echo
