@@ -7,6 +7,7 @@ import {
   op_atoll_body_close,
   op_atoll_body_write,
   op_atoll_boot_done,
+  op_atoll_common_request_headers,
   op_atoll_fetch_begin,
   op_atoll_fetch_end,
   op_atoll_fetch_response_limit,
@@ -773,6 +774,9 @@ const ReadableStreamPrototypeLocked = ObjectGetOwnPropertyDescriptor(
 ).get;
 const { fromInnerRequest } = request;
 
+/** Request header names the host sends as an index into this list. */
+const COMMON_REQUEST_HEADERS = op_atoll_common_request_headers();
+
 /**
  * An incoming request's inner state, in the shape deno_fetch's `Request`
  * expects (the fields of its `newInnerRequest`). A class, so every request
@@ -805,10 +809,15 @@ class IncomingInnerRequest {
         throw new TypeError("Cannot read headers: request closed");
       }
       // Name, value, name, value...: paired here, where it is cheaper
-      // than building the pairs with V8's API.
+      // than building the pairs with V8's API. A common name comes as its
+      // index in COMMON_REQUEST_HEADERS.
       const list = [];
       for (let i = 0; i < flat.length; i += 2) {
-        ArrayPrototypePush(list, [flat[i], flat[i + 1]]);
+        const name = flat[i];
+        ArrayPrototypePush(list, [
+          typeof name === "number" ? COMMON_REQUEST_HEADERS[name] : name,
+          flat[i + 1],
+        ]);
       }
       this.headerListInner = list;
     }

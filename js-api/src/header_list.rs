@@ -67,6 +67,61 @@ pub(crate) fn from_parts(name: &str, value: &str, rest: &str) -> Result<HeaderMa
     Ok(headers)
 }
 
+/// Defines [`COMMON_REQUEST_HEADERS`] and the match that finds a name's
+/// index in it, from one list, so the two cannot disagree.
+macro_rules! common_request_headers {
+    ($($index:literal $name:literal,)*) => {
+        /// Request header names clients send most. `op_atoll_request_headers`
+        /// hands such a name to JS as its index here instead of as a new
+        /// string per request; bootstrap.js takes this list from
+        /// `op_atoll_common_request_headers` once, when the snapshot is built.
+        pub(crate) const COMMON_REQUEST_HEADERS: &[&str] = &[$($name,)*];
+
+        /// `name`'s index in [`COMMON_REQUEST_HEADERS`], if it is listed.
+        pub(crate) fn common_request_header(name: &str) -> Option<i32> {
+            match name {
+                $($name => Some($index),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+common_request_headers! {
+    0 "host",
+    1 "user-agent",
+    2 "accept",
+    3 "accept-encoding",
+    4 "accept-language",
+    5 "cookie",
+    6 "content-type",
+    7 "content-length",
+    8 "authorization",
+    9 "referer",
+    10 "origin",
+    11 "cache-control",
+    12 "connection",
+    13 "pragma",
+    14 "if-none-match",
+    15 "if-modified-since",
+    16 "range",
+    17 "upgrade-insecure-requests",
+    18 "x-forwarded-for",
+    19 "x-forwarded-proto",
+    20 "x-forwarded-host",
+    21 "x-real-ip",
+    22 "x-request-id",
+    23 "sec-fetch-site",
+    24 "sec-fetch-mode",
+    25 "sec-fetch-dest",
+    26 "sec-fetch-user",
+    27 "sec-ch-ua",
+    28 "sec-ch-ua-mobile",
+    29 "sec-ch-ua-platform",
+    30 "priority",
+    31 "dnt",
+}
+
 /// Content types that `Response` sets itself (text, JSON) and that handlers
 /// often set: shared instead of copied into a new buffer for each response,
 /// and checked once, at compile time. bootstrap.js's
@@ -150,6 +205,17 @@ mod tests {
         let h = from_parts("x-l", "caf\u{e9}", "x-m\0\u{ff}").expect("latin-1");
         assert_eq!(h["x-l"].as_bytes(), b"caf\xe9");
         assert_eq!(h["x-m"].as_bytes(), b"\xff");
+    }
+
+    #[test]
+    fn common_request_headers_are_found_at_their_index() {
+        for (i, name) in COMMON_REQUEST_HEADERS.iter().enumerate() {
+            assert_eq!(common_request_header(name), i32::try_from(i).ok(), "{name}");
+            // Names arrive lowercase from the http crate: as listed.
+            assert_eq!(name.to_ascii_lowercase(), *name);
+        }
+        assert_eq!(common_request_header("x-custom"), None);
+        assert_eq!(common_request_header("User-Agent"), None);
     }
 
     #[test]

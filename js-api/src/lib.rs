@@ -22,6 +22,7 @@ deno_core::extension!(
         ops::op_atoll_next_request,
         ops::op_atoll_request_body,
         ops::op_atoll_request_headers,
+        ops::op_atoll_common_request_headers,
         ops::op_atoll_respond,
         ops::op_atoll_respond_text,
         ops::op_atoll_respond_text_typed,

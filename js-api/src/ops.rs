@@ -119,8 +119,9 @@ pub fn op_atoll_request_body(state: &mut OpState, id: u32) -> Result<u32, JsErro
 }
 
 /// The headers of request `id`, handed over once (JS caches them): one
-/// flat array, name and value after name, which bootstrap.js pairs up as
-/// deno_fetch's header list. Built with direct V8 calls: serde_v8's nested
+/// flat array, name and value after name (a common name as its index in
+/// `COMMON_REQUEST_HEADERS`), which bootstrap.js pairs up as deno_fetch's
+/// header list. Built with direct V8 calls: serde_v8's nested
 /// arrays cost about 1,800 instructions a header.
 #[op2]
 pub fn op_atoll_request_headers<'s>(
@@ -139,16 +140,31 @@ pub fn op_atoll_request_headers<'s>(
         })
         .ok_or_else(|| JsErrorBox::type_error("the request has finished"))?;
     let mut flat: Vec<v8::Local<'s, v8::Value>> = Vec::with_capacity(headers.len() * 2);
+    // Byte strings, as deno_fetch's header list holds them: one character
+    // per byte.
+    let byte_string = |scope: &mut v8::PinScope<'s, '_>, bytes: &[u8]| {
+        v8::String::new_from_one_byte(scope, bytes, v8::NewStringType::Normal)
+            .map(v8::Local::<v8::Value>::from)
+            .ok_or_else(|| JsErrorBox::type_error("a request header is too large"))
+    };
     for (name, value) in &headers {
-        // Byte strings, as deno_fetch's header list holds them: one
-        // character per byte.
-        for bytes in [name.as_str().as_bytes(), value.as_bytes()] {
-            let s = v8::String::new_from_one_byte(scope, bytes, v8::NewStringType::Normal)
-                .ok_or_else(|| JsErrorBox::type_error("a request header is too large"))?;
-            flat.push(s.into());
-        }
+        // A common name goes as its index: no string to make.
+        let name = match header_list::common_request_header(name.as_str()) {
+            Some(index) => v8::Integer::new(scope, index).into(),
+            None => byte_string(scope, name.as_str().as_bytes())?,
+        };
+        flat.push(name);
+        flat.push(byte_string(scope, value.as_bytes())?);
     }
     Ok(v8::Array::new_with_elements(scope, &flat))
+}
+
+/// The names `op_atoll_request_headers` may send as an index, in index
+/// order. Called once, when the snapshot is built.
+#[op2]
+#[serde]
+pub fn op_atoll_common_request_headers() -> Vec<&'static str> {
+    header_list::COMMON_REQUEST_HEADERS.to_vec()
 }
 
 // The respond ops take the header list as bootstrap.js splits it: the

@@ -787,6 +787,8 @@ async fn request_headers_keep_their_values_bytes_and_repeats() {
                 const h = request.headers;
                 return Response.json({
                   agent: h.get("User-Agent"),
+                  accept: h.get("accept"),
+                  host: h.get("host") === new URL(request.url).host,
                   multi: h.get("x-multi"),
                   missing: h.get("x-missing"),
                   has: h.has("X-Multi"),
@@ -803,6 +805,7 @@ async fn request_headers_keep_their_values_bytes_and_repeats() {
     let v: serde_json::Value = client()
         .get(dev.url("/"))
         .header("user-agent", "atoll-test")
+        .header("accept", "text/x-test")
         .header("x-multi", "a")
         .header("x-multi", "b")
         .header(
@@ -819,6 +822,8 @@ async fn request_headers_keep_their_values_bytes_and_repeats() {
         v,
         serde_json::json!({
             "agent": "atoll-test",
+            "accept": "text/x-test",
+            "host": true,
             "multi": "a, b",
             "missing": null,
             "has": true,
