@@ -112,8 +112,8 @@ async fn stats(node: &EdgeNode) -> Vec<atoll_runtime::WorkerStats> {
 const READY_PING: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Whether the node should get traffic: not shutting down, and every
-/// worker thread turning its event loop (a thread held by a runaway
-/// script past the CPU limits would leave its connections unserved).
+/// worker thread turning its event loop (one held by a script, up to its
+/// CPU limit, or stopped, leaves its connections unserved meanwhile).
 async fn readiness(node: &EdgeNode) -> Result<(), String> {
     if node.is_draining() {
         return Err("not ready: draining (shutting down; finishing in-flight requests)\n".into());

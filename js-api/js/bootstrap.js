@@ -692,6 +692,14 @@ const {
 } = streams;
 const { BadResourcePrototype } = core;
 
+// Taken before tenant code runs, which may replace them.
+const ReadableStreamPrototypeGetReader = streams.ReadableStreamPrototype.getReader;
+const ReadableStreamPrototypeLocked = ObjectGetOwnPropertyDescriptor(
+  streams.ReadableStreamPrototype,
+  "locked",
+).get;
+const { fromInnerRequest } = request;
+
 /** `HostInnerBody`'s stream slot before anything asked for the stream. */
 const UNMATERIALIZED = { __proto__: null };
 
@@ -766,13 +774,6 @@ async function readWholeBody(rid) {
     core.tryClose(rid);
   }
 }
-// Taken before tenant code runs, which may replace them.
-const ReadableStreamPrototypeGetReader = streams.ReadableStreamPrototype.getReader;
-const ReadableStreamPrototypeLocked = ObjectGetOwnPropertyDescriptor(
-  streams.ReadableStreamPrototype,
-  "locked",
-).get;
-const { fromInnerRequest } = request;
 
 /** Request header names the host sends as an index into this list. */
 const COMMON_REQUEST_HEADERS = op_atoll_common_request_headers();
