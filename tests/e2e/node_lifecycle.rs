@@ -432,7 +432,8 @@ async fn sigint_drains_the_node_refusing_new_connections_meanwhile() {
 export default {
   async fetch() {
     console.log("slow request started");
-    await new Promise((r) => setTimeout(r, 1500));
+    // Long enough for the checks made while it drains, on a loaded machine.
+    await new Promise((r) => setTimeout(r, 4000));
     return new Response("finished");
   },
 };
