@@ -207,6 +207,7 @@ report() {
 #   post   1 KiB POST bodies read with request.text()
 #   api    new URL(request.url), one header read, Response.json; requests
 #          carry five browser-like headers
+#   stream a ReadableStream body of two chunks
 workload() {
   WRK_SCRIPT=
   case $1 in
@@ -248,7 +249,24 @@ wrk.headers["Cookie"] = "session=0123456789abcdef; theme=dark"
 LUA
       WRK_SCRIPT="$work/api.lua"
       ;;
-    *) echo "unknown workload $1 (hello, post or api)" >&2; exit 2 ;;
+    stream)
+      cat >"$work/hello.js" <<'JS'
+const enc = new TextEncoder();
+export default {
+  fetch() {
+    const body = new ReadableStream({
+      start(c) {
+        c.enqueue(enc.encode("hello "));
+        c.enqueue(enc.encode("world"));
+        c.close();
+      },
+    });
+    return new Response(body);
+  },
+};
+JS
+      ;;
+    *) echo "unknown workload $1 (hello, post, api or stream)" >&2; exit 2 ;;
   esac
 }
 
