@@ -5,6 +5,8 @@
 import { core, internals, primordials } from "ext:core/mod.js";
 import {
   op_atoll_body_close,
+  op_atoll_body_try_close,
+  op_atoll_body_try_write,
   op_atoll_body_write,
   op_atoll_boot_done,
   op_atoll_common_request_headers,
@@ -938,6 +940,11 @@ function invokeHandler(req, ctx) {
   return ev.responded;
 }
 
+/** What `op_atoll_body_try_write` did with a chunk (as ops.rs numbers it). */
+const CHUNK_SENT = 0;
+const CHUNK_WAIT = 1;
+
+/** Writes `stream`'s chunks as request `id`'s response body, then ends it. */
 async function streamBody(id, stream) {
   const reader = stream.getReader();
   try {
@@ -952,7 +959,11 @@ async function streamBody(id, stream) {
         );
       }
       if (TypedArrayPrototypeGetByteLength(chunk) === 0) continue;
-      const open = await op_atoll_body_write(id, chunk);
+      // Sent at once while the client's buffer has room; waited for when
+      // it is full (the producer is paused meanwhile).
+      const sent = op_atoll_body_try_write(id, chunk);
+      const open = sent === CHUNK_SENT ||
+        (sent === CHUNK_WAIT && await op_atoll_body_write(id, chunk));
       if (!open) {
         // The client went away: tell the producer.
         await reader.cancel("client disconnected");
@@ -960,7 +971,7 @@ async function streamBody(id, stream) {
         return;
       }
     }
-    await op_atoll_body_close(id, null);
+    if (!op_atoll_body_try_close(id)) await op_atoll_body_close(id, null);
   } catch (e) {
     // The head is already out: the client sees a cut body, the log the error.
     tenantConsole.error("Uncaught (in response body stream)", e);

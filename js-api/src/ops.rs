@@ -445,6 +445,68 @@ fn body_message(read: Result<BufView, JsErrorBox>) -> (Result<Bytes, String>, bo
     }
 }
 
+/// [`op_atoll_body_try_write`] sent the chunk.
+const CHUNK_SENT: u8 = 0;
+/// [`op_atoll_body_try_write`] found the client's buffer full: the chunk
+/// goes through [`op_atoll_body_write`], which waits for room.
+const CHUNK_WAIT: u8 = 1;
+/// [`op_atoll_body_try_write`] found the client gone.
+const CHUNK_GONE: u8 = 2;
+
+/// Writes one chunk of a streamed body if the client's buffer has room for
+/// it now, as it has for most chunks: then no promise and no op future is
+/// made for it. Answers [`CHUNK_SENT`], [`CHUNK_WAIT`] or [`CHUNK_GONE`]
+/// (bootstrap.js keeps the same numbers).
+#[op2(fast)]
+pub fn op_atoll_body_try_write(state: &mut OpState, id: u32, #[buffer] chunk: &[u8]) -> u8 {
+    let bridge = bridge(state);
+    let mut pending = bridge.pending.borrow_mut();
+    let Some(p) = pending.get_mut(&id) else {
+        return CHUNK_GONE;
+    };
+    p.touch(id, &bridge.touched);
+    let Some(tx) = p.body.as_ref() else {
+        return CHUNK_GONE;
+    };
+    match tx.try_reserve() {
+        Ok(permit) => {
+            permit.send(Ok(Bytes::copy_from_slice(chunk)));
+            CHUNK_SENT
+        }
+        Err(mpsc::error::TrySendError::Full(())) => CHUNK_WAIT,
+        Err(mpsc::error::TrySendError::Closed(())) => CHUNK_GONE,
+    }
+}
+
+/// Ends a streamed body normally if the client's buffer has room for the
+/// end marker now; false means it had none, and [`op_atoll_body_close`]
+/// must end it.
+#[op2(fast)]
+pub fn op_atoll_body_try_close(state: &mut OpState, id: u32) -> bool {
+    let bridge = bridge(state);
+    let mut pending = bridge.pending.borrow_mut();
+    let Some(p) = pending.get_mut(&id) else {
+        return true;
+    };
+    p.touch(id, &bridge.touched);
+    let Some(tx) = p.body.as_ref() else {
+        return true;
+    };
+    let ended = match tx.try_reserve() {
+        Ok(permit) => {
+            // The empty chunk is the end marker (real chunks are never empty).
+            permit.send(Ok(Bytes::new()));
+            true
+        }
+        Err(mpsc::error::TrySendError::Full(())) => false,
+        Err(mpsc::error::TrySendError::Closed(())) => true,
+    };
+    if ended {
+        p.body = None;
+    }
+    ended
+}
+
 /// Writes one chunk of a streamed body. Resolves `false` when the client is
 /// gone, so JS can cancel the stream.
 #[op2]
