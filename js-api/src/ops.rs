@@ -453,29 +453,38 @@ const CHUNK_WAIT: u8 = 1;
 /// [`op_atoll_body_try_write`] found the client gone.
 const CHUNK_GONE: u8 = 2;
 
+/// Calls `f` with request `id`'s streamed-body sender (`None` once the
+/// body has ended), noting that the request's code called into the host;
+/// `None` if the request is no longer pending.
+fn with_body_sender<R>(
+    state: &OpState,
+    id: u32,
+    f: impl FnOnce(&mut Option<mpsc::Sender<Result<Bytes, String>>>) -> R,
+) -> Option<R> {
+    let bridge = bridge(state);
+    let mut pending = bridge.pending.borrow_mut();
+    let p = pending.get_mut(&id)?;
+    p.touch(id, &bridge.touched);
+    Some(f(&mut p.body))
+}
+
 /// Writes one chunk of a streamed body if the client's buffer has room for
 /// it now, as it has for most chunks: then no promise and no op future is
 /// made for it. Answers [`CHUNK_SENT`], [`CHUNK_WAIT`] or [`CHUNK_GONE`]
 /// (bootstrap.js keeps the same numbers).
 #[op2(fast)]
 pub fn op_atoll_body_try_write(state: &mut OpState, id: u32, #[buffer] chunk: &[u8]) -> u8 {
-    let bridge = bridge(state);
-    let mut pending = bridge.pending.borrow_mut();
-    let Some(p) = pending.get_mut(&id) else {
-        return CHUNK_GONE;
-    };
-    p.touch(id, &bridge.touched);
-    let Some(tx) = p.body.as_ref() else {
-        return CHUNK_GONE;
-    };
-    match tx.try_reserve() {
-        Ok(permit) => {
-            permit.send(Ok(Bytes::copy_from_slice(chunk)));
-            CHUNK_SENT
+    with_body_sender(state, id, |body| {
+        match body.as_ref().map(mpsc::Sender::try_reserve) {
+            Some(Ok(permit)) => {
+                permit.send(Ok(Bytes::copy_from_slice(chunk)));
+                CHUNK_SENT
+            }
+            Some(Err(mpsc::error::TrySendError::Full(()))) => CHUNK_WAIT,
+            _ => CHUNK_GONE,
         }
-        Err(mpsc::error::TrySendError::Full(())) => CHUNK_WAIT,
-        Err(mpsc::error::TrySendError::Closed(())) => CHUNK_GONE,
-    }
+    })
+    .unwrap_or(CHUNK_GONE)
 }
 
 /// Ends a streamed body normally if the client's buffer has room for the
@@ -483,28 +492,23 @@ pub fn op_atoll_body_try_write(state: &mut OpState, id: u32, #[buffer] chunk: &[
 /// must end it.
 #[op2(fast)]
 pub fn op_atoll_body_try_close(state: &mut OpState, id: u32) -> bool {
-    let bridge = bridge(state);
-    let mut pending = bridge.pending.borrow_mut();
-    let Some(p) = pending.get_mut(&id) else {
-        return true;
-    };
-    p.touch(id, &bridge.touched);
-    let Some(tx) = p.body.as_ref() else {
-        return true;
-    };
-    let ended = match tx.try_reserve() {
-        Ok(permit) => {
-            // The empty chunk is the end marker (real chunks are never empty).
-            permit.send(Ok(Bytes::new()));
-            true
+    with_body_sender(state, id, |body| {
+        let ended = match body.as_ref().map(mpsc::Sender::try_reserve) {
+            Some(Ok(permit)) => {
+                // The empty chunk is the end marker (real chunks are never empty).
+                permit.send(Ok(Bytes::new()));
+                true
+            }
+            Some(Err(mpsc::error::TrySendError::Full(()))) => false,
+            // Ended already, or the client is gone.
+            _ => true,
+        };
+        if ended {
+            *body = None;
         }
-        Err(mpsc::error::TrySendError::Full(())) => false,
-        Err(mpsc::error::TrySendError::Closed(())) => true,
-    };
-    if ended {
-        p.body = None;
-    }
-    ended
+        ended
+    })
+    .unwrap_or(true)
 }
 
 /// Writes one chunk of a streamed body. Resolves `false` when the client is
@@ -515,19 +519,11 @@ pub async fn op_atoll_body_write(
     id: u32,
     #[buffer(copy)] chunk: Vec<u8>,
 ) -> bool {
-    let tx = {
-        let state = state.borrow();
-        let bridge = bridge(&state);
-        let mut pending = bridge.pending.borrow_mut();
-        match pending.get_mut(&id).and_then(|p| {
-            p.touch(id, &bridge.touched);
-            p.body.clone()
-        }) {
-            Some(tx) => tx,
-            None => return false,
-        }
-    };
-    tx.send(Ok(Bytes::from(chunk))).await.is_ok()
+    let tx = with_body_sender(&state.borrow(), id, |body| body.clone()).flatten();
+    match tx {
+        Some(tx) => tx.send(Ok(Bytes::from(chunk))).await.is_ok(),
+        None => false,
+    }
 }
 
 /// Ends a streamed body; with `error`, the client sees the body cut short.
@@ -537,15 +533,7 @@ pub async fn op_atoll_body_close(
     id: u32,
     #[string] error: Option<String>,
 ) {
-    let tx = {
-        let state = state.borrow();
-        let bridge = bridge(&state);
-        let mut pending = bridge.pending.borrow_mut();
-        pending.get_mut(&id).and_then(|p| {
-            p.touch(id, &bridge.touched);
-            p.body.take()
-        })
-    };
+    let tx = with_body_sender(&state.borrow(), id, Option::take).flatten();
     if let Some(tx) = tx {
         // The empty chunk is the end marker (real chunks are never empty).
         let last = match error {
