@@ -289,6 +289,12 @@ pub async fn get_text(c: &reqwest::Client, url: &str, host: Option<&str>) -> Str
         .expect("text")
 }
 
+/// GETs `url`: status and body text.
+pub async fn get_status(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> (u16, String) {
+    let resp = c.get(url).send().await.expect("request");
+    (resp.status().as_u16(), resp.text().await.expect("text"))
+}
+
 /// An HTTP client for loopback tests.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()

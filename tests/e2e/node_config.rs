@@ -1,6 +1,8 @@
 //! `atoll node --config`: a node built from its config file.
 
-use crate::harness::{Dev, ca_and_leaf, client, get_text, run_to_exit, single_script_config};
+use crate::harness::{
+    Dev, ca_and_leaf, client, get_status, get_text, run_to_exit, single_script_config,
+};
 
 const CONFIG: &str = r#"
 [node]
@@ -138,14 +140,7 @@ async fn admin_listener_reports_health_metrics_and_tenants() {
     ]);
     let admin = node.admin().await;
     let c = client();
-    let get = |path: &str| {
-        let c = c.clone();
-        let url = format!("{admin}{path}");
-        async move {
-            let resp = c.get(url).send().await.expect("admin request");
-            (resp.status().as_u16(), resp.text().await.expect("text"))
-        }
-    };
+    let get = |path: &str| get_status(&c, format!("{admin}{path}"));
     assert_eq!(get("/healthz").await, (200, "ok\n".into()));
     assert_eq!(get("/readyz").await.0, 200);
 

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{Dev, ca_and_leaf, client, get_text, run_to_exit, single_script_config};
+use crate::harness::{
+    Dev, ca_and_leaf, client, get_status, get_text, run_to_exit, single_script_config,
+};
 
 /// GETs `path` on `node` with `host`; returns status and body.
 async fn get(c: &reqwest::Client, node: &Dev, host: &str, path: &str) -> (u16, String) {
@@ -447,14 +449,7 @@ export default {
     node.wait_for_log("slow request started").await;
     let admin_url = node.admin().await;
     let c = client();
-    let status = |path: &'static str| {
-        let c = c.clone();
-        let url = format!("{admin_url}{path}");
-        async move {
-            let resp = c.get(url).send().await.expect("admin request");
-            (resp.status().as_u16(), resp.text().await.expect("text"))
-        }
-    };
+    let status = |path: &str| get_status(&c, format!("{admin_url}{path}"));
     assert_eq!(status("/readyz").await, (200, "ready\n".to_string()));
     node.signal("INT");
     node.wait_for_log("shutting down: finishing in-flight requests")
@@ -514,14 +509,8 @@ export default {
     let c = client();
     assert_eq!(get(&c, &node, "example.com", "/").await.0, 200);
     let admin_url = node.admin().await;
-    let readyz = || {
-        let c = c.clone();
-        let url = format!("{admin_url}/readyz");
-        async move {
-            let resp = c.get(url).send().await.expect("admin request");
-            (resp.status().as_u16(), resp.text().await.expect("text"))
-        }
-    };
+    let readyz_url = format!("{admin_url}/readyz");
+    let readyz = || get_status(&c, readyz_url.as_str());
     assert_eq!(readyz().await.0, 200);
 
     let spin_url = node.url("/spin");
