@@ -138,7 +138,7 @@ impl HeadDeadline {
             }
             if let Some(fd) = peer
                 && self.check_peer.swap(false, Ordering::AcqRel)
-                && peer_closed(fd)
+                && crate::linger::peer_closed(fd)
             {
                 tracing::debug!("the client closed its connection with a request in flight");
                 return Poll::Ready(None);
@@ -204,40 +204,6 @@ impl HeadDeadline {
             }
             wake = due;
         }
-    }
-}
-
-/// Whether the client closed (FIN) or reset the connection on socket `fd`,
-/// looked at without consuming anything. A request it pipelined, or
-/// nothing yet, means it is still there. A FIN cannot be told from a
-/// client that half-closed its side and still waits: after a whole limit
-/// with its request in flight, it counts as gone. Over TLS a close_notify
-/// alert waits unread before the FIN and hides it; such a client is noticed
-/// at the next write.
-fn peer_closed(fd: RawFd) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: `fd` is the socket of the connection that `serve` is polling
-    // (see its `peer`), open for as long as that connection lives; recv
-    // writes at most one byte into `byte` and, with MSG_PEEK, consumes
-    // nothing. MSG_DONTWAIT: it never blocks the thread.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&raw mut byte).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    match n {
-        0 => true,
-        n if n > 0 => false,
-        _ => matches!(
-            std::io::Error::last_os_error().kind(),
-            std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::ConnectionAborted
-                | std::io::ErrorKind::NotConnected
-                | std::io::ErrorKind::BrokenPipe
-        ),
     }
 }
 

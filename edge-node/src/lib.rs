@@ -10,6 +10,7 @@ mod body;
 mod config;
 mod drain;
 mod head_deadline;
+mod linger;
 mod metrics;
 mod routes;
 mod server;

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use crate::body::{ResponseBody, TooLarge, full, request_body, response_body};
 use crate::drain::Connections;
 use crate::head_deadline::{ActiveRequest, HeadDeadline, Idle, TrackedBody, WriteProgress};
+use crate::linger::LingerOnDrop;
 use crate::routes::Routes;
 use hyper_util::server::graceful::GracefulConnection;
 
@@ -654,7 +655,9 @@ impl Protocols {
             // hyper's HTTP/1 half-close: the deadline looks for a departed
             // client of a long request instead.
             let peer = io.as_raw_fd();
-            let io = TokioIo::new(WriteProgress::new(io, deadline.clone()));
+            // Closed lingering: a client still sending when the
+            // connection ends reads its answer rather than a reset.
+            let io = TokioIo::new(WriteProgress::new(LingerOnDrop::new(io), deadline.clone()));
             let connection = self.h1.serve_connection(io, service);
             deadline
                 .serve(

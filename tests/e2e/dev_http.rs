@@ -65,12 +65,12 @@ async fn oversized_heads_and_bodies_are_refused() {
     };
     // Growing past the limit, it errors in the handler.
     let resp = post_chunked("/").await.expect("request");
-    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.status(), 413, "node log:\n{}", dev.log());
     let text = resp.text().await.expect("text");
     assert!(text.contains("larger than the limit"), "{text}");
     // A handler that lets that error escape: the server answers 413 itself.
     let resp = post_chunked("/uncaught").await.expect("request");
-    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.status(), 413, "node log:\n{}", dev.log());
     let text = resp.text().await.expect("text");
     assert!(
         text.contains("larger than the limit of 1048576 bytes"),
