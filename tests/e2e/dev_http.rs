@@ -99,6 +99,39 @@ async fn oversized_heads_and_bodies_are_refused() {
     assert_eq!(resp.text().await.expect("text"), "read 1000");
 }
 
+/// A client that goes on uploading a body the node already refused reads
+/// the 413 rather than a reset: the node drains the rest before it closes.
+#[tokio::test]
+async fn a_client_still_uploading_a_refused_body_reads_the_413() {
+    let dev = Dev::start(&[("h.js", HANDLER)], &["h.js", "--max-body-mb", "1"]);
+    let addr = dev.base.trim_start_matches("http://").to_string();
+    // The handler's read fails past the limit: it answers 413 itself
+    // ("/"), or lets the error escape and the node answers ("/uncaught").
+    for path in ["/", "/uncaught", "/", "/uncaught"] {
+        let mut tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let head = format!("POST {path} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n");
+        tcp.write_all(head.as_bytes()).await.expect("head");
+        // 3 MiB in chunks, read only once all is sent, as simple clients do.
+        let mut chunk = b"10000\r\n".to_vec();
+        chunk.extend(vec![b'a'; 0x10000]);
+        chunk.extend(b"\r\n");
+        for i in 0..48 {
+            if i == 24 {
+                // Past the limit: let the node answer and end the request.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            tcp.write_all(&chunk).await.expect("the upload goes on");
+        }
+        tcp.write_all(b"0\r\n\r\n").await.expect("the last chunk");
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await.expect("read the answer");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer}");
+    }
+}
+
 #[tokio::test]
 async fn http2_with_prior_knowledge() {
     let dev = Dev::start(&[("h.js", HANDLER)], &["h.js"]);
