@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use atoll_runtime::WorkerStats;
@@ -51,16 +52,88 @@ struct Inner {
     rejected: BTreeMap<u16, u64>,
 }
 
-/// Counters and histograms of one node.
+impl Histogram {
+    fn add(&mut self, other: &Histogram) {
+        for (c, n) in self.counts.iter_mut().zip(other.counts) {
+            *c += n;
+        }
+        self.count += other.count;
+        self.sum += other.sum;
+    }
+}
+
+impl Inner {
+    /// Adds `self`'s counts to `total`.
+    fn add_to(&self, total: &mut Inner) {
+        for (tenant, stats) in &self.tenants {
+            let t = total.tenants.entry(tenant.clone()).or_default();
+            for (status, n) in &stats.by_status {
+                *t.by_status.entry(*status).or_default() += n;
+            }
+            t.latency.add(&stats.latency);
+            t.last_request = t.last_request.max(stats.last_request);
+        }
+        for (key, n) in &self.limit_terminations {
+            *total.limit_terminations.entry(key.clone()).or_default() += n;
+        }
+        total.unrouted += self.unrouted;
+        for (status, n) in &self.rejected {
+            *total.rejected.entry(*status).or_default() += n;
+        }
+    }
+}
+
+/// One thread's share of the counters, on its own cache lines.
 #[derive(Default)]
+#[repr(align(128))]
+struct Shard(Mutex<Inner>);
+
+/// Counters and histograms of one node. Every request records into the
+/// shard of the thread that served it, so worker threads on other cores
+/// do not contend for one lock; a scrape adds the shards up.
 pub struct Metrics {
-    inner: Mutex<Inner>,
+    shards: Box<[Shard]>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Metrics {
+            shards: (0..threads.clamp(1, 64))
+                .map(|_| Shard::default())
+                .collect(),
+        }
+    }
+}
+
+/// The number this thread was given on its first metrics update, in order.
+fn thread_slot() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    SLOT.with(|slot| *slot)
 }
 
 impl Metrics {
+    /// The calling thread's shard.
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        let shard = &self.shards[thread_slot() % self.shards.len()];
         // Plain counters: a panic mid-update cannot leave them inconsistent.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        shard.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// All shards added up.
+    fn total(&self) -> Inner {
+        let mut total = Inner::default();
+        for shard in &self.shards {
+            shard
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add_to(&mut total);
+        }
+        total
     }
 
     /// Records a request for `tenant` that arrived at `started` and was
@@ -88,7 +161,7 @@ impl Metrics {
 
     /// Each tenant's request totals.
     pub fn tenant_requests(&self) -> Vec<TenantRequests> {
-        self.lock()
+        self.total()
             .tenants
             .iter()
             .map(|(tenant, t)| TenantRequests {
@@ -120,7 +193,7 @@ impl Metrics {
 
     /// Prometheus text exposition of these metrics plus the runtime's stats.
     pub fn render(&self, workers: &[WorkerStats]) -> String {
-        let m = self.lock();
+        let m = self.total();
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -337,5 +410,52 @@ mod tests {
         assert_eq!(tenants.len(), 1);
         assert_eq!(tenants[0].requests, 3);
         assert!(tenants[0].last_request.is_some());
+    }
+
+    #[test]
+    fn counts_from_many_threads_add_up() {
+        let m = Metrics::default();
+        let last = Instant::now();
+        std::thread::scope(|scope| {
+            for thread in 0..8u64 {
+                let m = &m;
+                scope.spawn(move || {
+                    for i in 0..1000u64 {
+                        let tenant = if i % 2 == 0 { "even" } else { "odd" };
+                        let status = if i % 10 == 0 { 500 } else { 200 };
+                        m.request(tenant, status, last, Duration::from_millis(thread + 1));
+                    }
+                    m.limit_termination("odd", "cpu");
+                    m.unrouted();
+                    m.rejected(400);
+                });
+            }
+        });
+        let text = m.render(&[]);
+        for needle in [
+            "atoll_requests_total{tenant=\"even\",status=\"200\"} 3200",
+            "atoll_requests_total{tenant=\"even\",status=\"500\"} 800",
+            "atoll_requests_total{tenant=\"odd\",status=\"200\"} 4000",
+            "atoll_request_duration_seconds_count{tenant=\"odd\"} 4000",
+            // 1 ms and 2 ms: two threads' worth under 2.5 ms.
+            "atoll_request_duration_seconds_bucket{tenant=\"odd\",le=\"0.0025\"} 1000",
+            "atoll_request_duration_seconds_bucket{tenant=\"odd\",le=\"0.01\"} 4000",
+            "atoll_limit_terminations_total{tenant=\"odd\",limit=\"cpu\"} 8",
+            "atoll_unrouted_requests_total 8",
+            "atoll_rejected_requests_total{status=\"400\"} 8",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+        // Each tenant once, however many shards saw it.
+        assert_eq!(
+            text.matches("atoll_request_duration_seconds_sum{tenant=\"odd\"}")
+                .count(),
+            1
+        );
+        let mut tenants = m.tenant_requests();
+        tenants.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        assert_eq!(tenants.len(), 2);
+        assert_eq!((tenants[0].requests, tenants[1].requests), (4000, 4000));
+        assert_eq!(tenants[0].last_request, Some(last));
     }
 }
