@@ -98,10 +98,10 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // A power of two: a thread finds its shard with a mask, not a division.
+        let shards = threads.clamp(1, 64).next_power_of_two();
         Metrics {
-            shards: (0..threads.clamp(1, 64))
-                .map(|_| Shard::default())
-                .collect(),
+            shards: (0..shards).map(|_| Shard::default()).collect(),
         }
     }
 }
@@ -118,7 +118,7 @@ fn thread_slot() -> usize {
 impl Metrics {
     /// The calling thread's shard.
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        let shard = &self.shards[thread_slot() % self.shards.len()];
+        let shard = &self.shards[thread_slot() & (self.shards.len() - 1)];
         // Plain counters: a panic mid-update cannot leave them inconsistent.
         shard.0.lock().unwrap_or_else(|e| e.into_inner())
     }
