@@ -755,11 +755,28 @@ fn is_port(digits: &[u8]) -> bool {
 /// across restarts: a random start plus a counter, scrambled by a bijective
 /// mix so ids do not look sequential. No system call per request.
 fn new_request_id() -> RequestId {
+    use std::cell::Cell;
     use std::sync::atomic::{AtomicU64, Ordering};
+    /// Counter values a thread takes at a time: the shared counter's cache
+    /// line moves between cores once per block, not once per request.
+    const BLOCK: u64 = 1 << 16;
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        /// This thread's next counter value and the end of its block.
+        static TAKEN: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    }
     let seed = *SEED.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
-    let mut z = seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed));
+    let n = TAKEN.with(|taken| {
+        let (mut next, mut end) = taken.get();
+        if next == end {
+            next = NEXT.fetch_add(BLOCK, Ordering::Relaxed);
+            end = next.wrapping_add(BLOCK);
+        }
+        taken.set((next.wrapping_add(1), end));
+        next
+    });
+    let mut z = seed.wrapping_add(n);
     // splitmix64's finalizer: a bijection on u64.
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -914,6 +931,24 @@ mod tests {
         ] {
             assert_eq!(host(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn request_ids_stay_distinct_across_threads_and_blocks() {
+        // Each thread goes past the end of its first block of counter values.
+        let per_thread: Vec<Vec<String>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..3)
+                .map(|_| {
+                    scope.spawn(|| (0..66_000).map(|_| new_request_id().to_string()).collect())
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("thread"))
+                .collect()
+        });
+        let ids: std::collections::HashSet<&String> = per_thread.iter().flatten().collect();
+        assert_eq!(ids.len(), 3 * 66_000);
     }
 
     #[test]
