@@ -166,7 +166,7 @@ fn parse_vars(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 
 /// Runs `atoll dev` until interrupted.
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
-    crate::logging::init(false);
+    let _log = crate::logging::init(false);
     let setup = Setup {
         entries: parse_entries(&args)?,
         vars: parse_vars(&args.vars)?,

@@ -49,7 +49,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
 
 /// Runs an edge node until SIGTERM/SIGINT.
 fn run_node(args: NodeArgs) -> anyhow::Result<()> {
-    crate::logging::init(args.log_format == "json");
+    let _log = crate::logging::init(args.log_format == "json");
     // Everything is validated and built before anything listens: a bad
     // config or script leaves no half-started node behind.
     let config = NodeConfig::load(&args.config)?;
