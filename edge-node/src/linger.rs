@@ -227,8 +227,15 @@ mod tests {
         let mut byte = [0u8; 1];
         let mut server = server;
         assert_eq!(server.read(&mut byte).await.expect("read"), 1);
-        // Only the FIN is left.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(peer_closed(server.as_raw_fd()));
+        // Only the FIN is left, once it has arrived.
+        let mut closed = false;
+        for _ in 0..200 {
+            closed = peer_closed(server.as_raw_fd());
+            if closed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(closed);
     }
 }
