@@ -11,6 +11,8 @@
 #   KEEP=dir benches/instructions.sh                 # keep NAME.cg for callgrind_annotate
 #   WORKLOAD=post benches/instructions.sh            # 1 KiB POSTs read with request.text()
 #   WORKLOAD=api benches/instructions.sh             # URL, one header, Response.json
+#   SERVERS="atoll deno hyper" benches/instructions.sh   # plus the floor: hyper
+#                                                      # alone (benches/hyper_floor.rs)
 #
 # Each server runs under callgrind pinned to one core, with wrk on the
 # other; counting is switched on only for the measured part of the load.
@@ -72,11 +74,22 @@ count() {
   fi
 }
 
+# Builds benches/hyper_floor.rs (dist profile, as atoll); prints its path.
+hyper_floor() {
+  step "building the hyper floor (benches/hyper_floor.rs, dist profile)"
+  # Cargo also builds the package's binary for a bench: pick the bench's.
+  (cd "$root" && cargo build --profile dist --quiet --bench hyper_floor --message-format json) |
+    grep '"name":"hyper_floor"' |
+    awk -F'"executable":"' 'NF > 1 { split($2, p, "\""); if (p[1] != "") exe = p[1] } END { print exe }'
+}
+
 for s in $SERVERS; do
   case $s in
     # valgrind follows no exec: the environment goes in directly, not via env(1).
     atoll) ATOLL_LOG=warn count atoll "$PORT_BASE" "$atoll" node --config node.toml ;;
     # The real binary, not a node launcher: valgrind must run deno itself.
     deno) count deno "$((PORT_BASE + 1))" "$(readlink -f "$deno")" serve --quiet --port "$((PORT_BASE + 1))" hello.js ;;
+    # No JavaScript: it answers hello world to every workload.
+    hyper) count hyper "$((PORT_BASE + 2))" "$(hyper_floor)" "$((PORT_BASE + 2))" ;;
   esac
 done
