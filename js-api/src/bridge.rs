@@ -250,7 +250,7 @@ pub struct HostBridge {
     pub(crate) touched: RefCell<Vec<u32>>,
     /// The batch being delivered, in the order JS's `dispatchAll` walks it;
     /// `op_atoll_next_request` takes them in one by one.
-    pub(crate) delivery: RefCell<VecDeque<IncomingRequest>>,
+    pub(crate) delivery: RefCell<VecDeque<Box<IncomingRequest>>>,
     /// Asked before each of them starts; none lets every one start.
     pub(crate) gate: RefCell<Option<Box<dyn StartGate>>>,
     /// The request `op_atoll_next_request` started last.
@@ -290,7 +290,7 @@ impl HostBridge {
 
     /// Queues `req` for the batch JS walks next: it is taken in (registered
     /// as pending, its body made a resource) only when its handler starts.
-    pub fn deliver(&self, req: IncomingRequest) {
+    pub fn deliver(&self, req: Box<IncomingRequest>) {
         self.delivery.borrow_mut().push_back(req);
     }
 
@@ -306,7 +306,7 @@ impl HostBridge {
 
     /// Moves the undelivered requests of the batch, in order, to the end
     /// of `into`.
-    pub fn take_undelivered(&self, into: &mut Vec<IncomingRequest>) {
+    pub fn take_undelivered(&self, into: &mut Vec<Box<IncomingRequest>>) {
         into.extend(self.delivery.borrow_mut().drain(..));
     }
 

@@ -177,9 +177,13 @@ impl Isolate {
     /// requests left are dropped (their clients hear the isolate ended).
     /// Call inside [`Isolate::run`], with the CPU watchdog armed; the
     /// caller polls the event loop next.
+    #[allow(
+        clippy::vec_box,
+        reason = "requests stay boxed from the server to the bridge: a move is a pointer"
+    )]
     pub(crate) fn deliver_all(
         &mut self,
-        reqs: &mut Vec<IncomingRequest>,
+        reqs: &mut Vec<Box<IncomingRequest>>,
         stopped: &dyn Fn() -> bool,
     ) {
         if reqs.is_empty() {
@@ -385,7 +389,7 @@ fn call_guarded<'s>(
 }
 
 /// Answers `req`, which never reached JS, with a dispatch failure.
-fn fail_undelivered(req: IncomingRequest, why: &str) {
+fn fail_undelivered(req: Box<IncomingRequest>, why: &str) {
     let _ = req.respond.send(Err(atoll_js_api::HandlerError {
         kind: FailureKind::Exception,
         detail: format!("the request could not be dispatched: {why}"),

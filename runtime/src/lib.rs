@@ -39,6 +39,7 @@ pub use worker::WorkerStats;
 use crate::limits::CpuWatchdog;
 use crate::tenant::Dispatch;
 use crate::worker::WorkerMsg;
+use atoll_js_api::IncomingRequest;
 
 /// A request as the runtime receives it from a server.
 pub struct HttpRequest {
@@ -358,11 +359,30 @@ impl Runtime {
         let (tx, rx) = oneshot::channel();
         let wall = deployment.limits.wall_per_request;
         let home = self.home_of(&deployment.tenant);
+        let HttpRequest {
+            request_id,
+            received,
+            method,
+            url,
+            headers,
+            body,
+            cpu,
+        } = request;
         let msg = WorkerMsg::Dispatch {
             deployment,
             dispatch: Dispatch {
-                request,
-                respond: tx,
+                incoming: Box::new(IncomingRequest {
+                    // The isolate's slot numbers it.
+                    id: 0,
+                    request_id,
+                    method,
+                    url,
+                    headers,
+                    body,
+                    respond: tx,
+                }),
+                received,
+                cpu,
             },
         };
         let local = match self.deliver(home, msg) {
