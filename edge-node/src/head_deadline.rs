@@ -6,9 +6,10 @@
 //! hyper's own `header_read_timeout` does this with a timer armed and
 //! cancelled for every request (a boxed sleep, a timer-wheel insert and
 //! removal, clock reads), a few percent of a small request's CPU. Here each
-//! connection has one timer task that wakes at most once per limit and
-//! checks state that requests keep with an atomic add and a clock read; the
-//! connection itself only reads a flag when it is polled.
+//! connection has one timer task that wakes every eighth of the limit and
+//! checks state that requests keep with one atomic add as they start and
+//! one as they end (no clock read per request); the connection itself only
+//! reads a flag when it is polled.
 
 use std::future::Future;
 use std::os::fd::RawFd;
@@ -25,9 +26,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 // tokio's clock: the same as std's, but one tests can pause and advance.
 use tokio::time::Instant;
 
-/// `HeadDeadline::active`'s parts: one request started, requests in flight.
-const ONE_STARTED: u64 = 1 << 32;
+/// `HeadDeadline::active`'s parts: one event (a request started or ended),
+/// requests in flight.
+const ONE_EVENT: u64 = 1 << 32;
 const IN_FLIGHT: u64 = u32::MAX as u64;
+
+/// How many checks per limit the timer task makes. A request that starts
+/// and ends between two checks is seen by the next one, so an idle
+/// connection is dropped between one limit and one limit and an eighth
+/// after its last response.
+const CHECKS_PER_LIMIT: u32 = 8;
 
 /// Longest wait for a client to make room for more of a response.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -44,14 +52,12 @@ pub(crate) enum Idle {
 /// One connection's request activity.
 #[derive(Debug)]
 pub(crate) struct HeadDeadline {
-    /// When the connection opened; `idle_since` counts from here.
+    /// When the connection opened; `write_progress` counts from here.
     opened: Instant,
     /// Low 32 bits: requests whose response is not yet completely handed
-    /// to hyper. High 32 bits: requests started, wrapping (one atomic add
-    /// keeps both).
+    /// to hyper. High 32 bits: requests started plus requests ended,
+    /// wrapping (one atomic add keeps both).
     active: AtomicU64,
-    /// Nanoseconds after `opened` when the last response was handed over.
-    idle_since: AtomicU64,
     /// A write to the client is waiting for it to read.
     write_blocked: AtomicBool,
     /// Nanoseconds after `opened` when a write last blocked or progressed.
@@ -74,7 +80,6 @@ impl HeadDeadline {
         Arc::new(HeadDeadline {
             opened: Instant::now(),
             active: AtomicU64::new(0),
-            idle_since: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
             write_progress: AtomicU64::new(0),
             expired: AtomicBool::new(false),
@@ -98,7 +103,7 @@ impl HeadDeadline {
     /// Marks a request head as received; the request counts as active
     /// until the returned guard (moved into its response body) drops.
     pub(crate) fn request_started(self: &Arc<Self>) -> ActiveRequest {
-        self.active.fetch_add(ONE_STARTED | 1, Ordering::Relaxed);
+        self.active.fetch_add(ONE_EVENT | 1, Ordering::Relaxed);
         ActiveRequest(self.clone())
     }
 
@@ -164,27 +169,34 @@ impl HeadDeadline {
     /// Sets `expired` (and wakes the connection) once the connection has
     /// waited longer than `limit` for a request head with no request active.
     async fn expire_after(self: Arc<Self>, limit: Duration) {
-        let mut wake = self.opened + limit;
-        // Requests started as of the last check that found one in flight.
-        let mut in_flight_at_last_check = None;
+        let period = limit / CHECKS_PER_LIMIT;
+        // The events count as of the last check, and the first check that
+        // saw it: the last request started or ended before that check (and
+        // after the one before it), so the connection has been idle at
+        // least since then.
+        let mut events = 0;
+        let mut events_seen = self.opened;
+        let mut wake = self.opened + period;
         loop {
             tokio::time::sleep_until(wake).await;
             let now = Instant::now();
             let active = self.active.load(Ordering::Acquire);
+            if active >> 32 != events {
+                events = active >> 32;
+                events_seen = now;
+            }
+            wake = now + period;
             if active & IN_FLIGHT != 0 {
-                let started = active >> 32;
-                if in_flight_at_last_check == Some(started) {
-                    // No request started since the last check, one is in
-                    // flight: it has been for a whole limit at least. Is
-                    // its client still there?
+                if now.saturating_duration_since(events_seen) >= limit {
+                    // No request started or ended for a whole limit, one is
+                    // in flight: is its client still there? (Asked again a
+                    // limit later.)
+                    events_seen = now;
                     self.check_peer.store(true, Ordering::Release);
                     self.connection.wake();
                 }
-                in_flight_at_last_check = Some(started);
-                wake = now + limit;
                 continue;
             }
-            in_flight_at_last_check = None;
             let since =
                 |at: &AtomicU64| self.opened + Duration::from_nanos(at.load(Ordering::Acquire));
             let write_progress = since(&self.write_progress);
@@ -195,14 +207,14 @@ impl HeadDeadline {
             let due = if self.write_blocked.load(Ordering::Acquire) {
                 write_progress + limit.max(SEND_TIMEOUT)
             } else {
-                since(&self.idle_since).max(write_progress) + limit
+                events_seen.max(write_progress) + limit
             };
             if due <= now {
                 self.expired.store(true, Ordering::Release);
                 self.connection.wake();
                 return;
             }
-            wake = due;
+            wake = wake.min(due);
         }
     }
 }
@@ -316,12 +328,8 @@ pub(crate) struct ActiveRequest(Arc<HeadDeadline>);
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        let state = &self.0;
-        let since = nanos_since(state.opened);
-        // Stored before the count drops, so a check that sees no active
-        // request also sees when the last one ended.
-        state.idle_since.store(since, Ordering::Release);
-        state.active.fetch_sub(1, Ordering::Release);
+        // One event more, one request fewer in flight.
+        self.0.active.fetch_add(ONE_EVENT - 1, Ordering::Release);
     }
 }
 
