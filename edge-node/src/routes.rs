@@ -177,6 +177,12 @@ impl Routes {
         // From the most specific pattern down: the exact host, then
         // wildcards by longest suffix, then any host. Within a pattern, the
         // longest matching prefix.
+        self.lookup_plain(host, path)
+    }
+
+    /// [`Routes::lookup`] for a host already in the form it normalizes to
+    /// (lowercase, no port, no trailing dot) and a path without query.
+    pub fn lookup_plain(&self, host: &str, path: &str) -> Option<&Arc<Deployment>> {
         self.host_patterns(host)
             .find_map(|routes| routes.lookup(path))
     }

@@ -278,13 +278,23 @@ impl EdgeNode {
             ..
         } = parts;
         // The host becomes part of the URL the handler parses and selects
-        // the route: it must be a plain authority.
-        let host = match headers.get(http::header::HOST) {
-            Some(h) => h.to_str().ok(),
-            // HTTP/2 carries the host in :authority, not a Host header.
-            None => Some(uri.authority().map_or("localhost", |a| a.as_str())),
-        }
-        .filter(|h| is_plain_authority(h));
+        // the route: it must be a plain authority. The usual Host header
+        // (lowercase name, optional port) is checked and split in one pass.
+        let fast = headers
+            .get(http::header::HOST)
+            .and_then(|h| split_plain_host(h.as_bytes()));
+        let (host, route_host) = match fast {
+            Some((host, name)) => (Some(host), Some(name)),
+            None => {
+                let host = match headers.get(http::header::HOST) {
+                    Some(h) => h.to_str().ok(),
+                    // HTTP/2 carries the host in :authority, not a Host header.
+                    None => Some(uri.authority().map_or("localhost", |a| a.as_str())),
+                }
+                .filter(|h| is_plain_authority(h));
+                (host, None)
+            }
+        };
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let Some(host) = host else {
             tracing::info!(target: "atoll::request", %request_id, %method, %path, %peer, status = 400, "Host is not a valid host name");
@@ -297,7 +307,11 @@ impl EdgeNode {
         };
 
         let routes = self.routes.load();
-        let Some(deployment) = routes.lookup(host, path).cloned() else {
+        let routed = match route_host {
+            Some(name) => routes.lookup_plain(name, uri.path()),
+            None => routes.lookup(host, path),
+        };
+        let Some(deployment) = routed.cloned() else {
             tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, %peer, status = 404, "no route");
             self.metrics.unrouted();
             return HandlingState::Answered(Some(plain(
@@ -341,7 +355,7 @@ impl EdgeNode {
         };
         // A cold start may log (pool misses, evictions): under this request.
         let answer = span.in_scope(|| self.runtime.dispatch(deployment.clone(), request));
-        HandlingState::Dispatched {
+        HandlingState::Dispatched(Box::new(Dispatched {
             node: self.clone(),
             ctx: RequestContext {
                 started,
@@ -355,7 +369,7 @@ impl EdgeNode {
                 body_too_large,
             },
             answer,
-        }
+        }))
     }
 
     /// Records and logs the outcome of a dispatched request and turns it
@@ -463,19 +477,24 @@ impl EdgeNode {
 /// client's response.
 pub struct Handling(HandlingState);
 
+/// A request handed to its tenant's isolate.
+struct Dispatched {
+    /// The node, for metrics and logs once the answer arrives.
+    node: Arc<EdgeNode>,
+    /// For the log and metrics once the answer arrives.
+    ctx: RequestContext,
+    /// The isolate's answer.
+    answer: atoll_runtime::Answer,
+}
+
 /// How [`EdgeNode::start`] left a request.
 enum HandlingState {
     /// Answered without a tenant.
     Answered(Option<Response<ResponseBody>>),
-    /// Waiting for the tenant's isolate.
-    Dispatched {
-        /// The node, for metrics and logs once the answer arrives.
-        node: Arc<EdgeNode>,
-        /// For the log and metrics once the answer arrives.
-        ctx: RequestContext,
-        /// The isolate's answer.
-        answer: atoll_runtime::Answer,
-    },
+    /// Waiting for the tenant's isolate. Boxed: hyper moves the service
+    /// future several times per request (into its slot, through polls), and
+    /// unboxed this state made each move a `memcpy` of some 280 bytes.
+    Dispatched(Box<Dispatched>),
     /// Resolved.
     Done,
 }
@@ -493,7 +512,8 @@ impl HandlingState {
                 .take()
                 .expect("Handling polled after completion")
                 .map(wrap),
-            HandlingState::Dispatched { node, ctx, answer } => {
+            HandlingState::Dispatched(d) => {
+                let Dispatched { node, ctx, answer } = &mut **d;
                 let Poll::Ready(result) = std::pin::Pin::new(answer).poll(cx) else {
                     return Poll::Pending;
                 };
@@ -735,6 +755,33 @@ fn is_plain_authority(host: &str) -> bool {
         }
 }
 
+/// The common Host header in one pass: a lowercase name of letters,
+/// digits, dots and dashes (not ending in a dot), then optionally `:` and
+/// a port. Returns it whole and its name alone (what routes match), or
+/// `None` for anything else, which the full checks handle.
+fn split_plain_host(value: &[u8]) -> Option<(&str, &str)> {
+    let mut colon = None;
+    for (i, &b) in value.iter().enumerate() {
+        match b {
+            b'a'..=b'z' | b'-' | b'.' if colon.is_none() => {}
+            b'0'..=b'9' => {}
+            b':' if colon.is_none() => colon = Some(i),
+            _ => return None,
+        }
+    }
+    let end = colon.unwrap_or(value.len());
+    let name = &value[..end];
+    if name.is_empty() || name.ends_with(b".") {
+        return None;
+    }
+    if colon.is_some() && !is_port(&value[end + 1..]) {
+        return None;
+    }
+    // Only ASCII bytes passed the loop.
+    let host = std::str::from_utf8(value).ok()?;
+    Some((host, &host[..end]))
+}
+
 /// A byte of a plain host name: letters, digits, dots and dashes.
 fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'.' || b == b'-'
@@ -930,6 +977,45 @@ mod tests {
             "example.com:8a",
         ] {
             assert_eq!(host(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_one_pass_host_split_agrees_with_the_full_checks() {
+        assert_eq!(
+            split_plain_host(b"127.0.0.1:18900"),
+            Some(("127.0.0.1:18900", "127.0.0.1"))
+        );
+        assert_eq!(
+            split_plain_host(b"a-b.example.com"),
+            Some(("a-b.example.com", "a-b.example.com"))
+        );
+        // Left to the full checks: uppercase (routes lowercase it), a
+        // trailing dot, brackets, an empty or oversized port, junk.
+        for slow in [
+            "Example.com",
+            "example.com.",
+            "[::1]:8080",
+            "example.com:",
+            "x:65536",
+            "x:1:2",
+            "x:8a",
+            "",
+            ":80",
+            "user@example.com",
+        ] {
+            assert_eq!(split_plain_host(slow.as_bytes()), None, "{slow}");
+        }
+        // Whatever it accepts, the full checks accept too.
+        for ok in [
+            "example.com",
+            "example.com:8080",
+            "a-b.c:1",
+            "x:65535",
+            "1.2.3.4",
+        ] {
+            assert!(split_plain_host(ok.as_bytes()).is_some(), "{ok}");
+            assert!(is_plain_authority(ok), "{ok}");
         }
     }
 
