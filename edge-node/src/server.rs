@@ -760,25 +760,21 @@ fn is_plain_authority(host: &str) -> bool {
 /// a port. Returns it whole and its name alone (what routes match), or
 /// `None` for anything else, which the full checks handle.
 fn split_plain_host(value: &[u8]) -> Option<(&str, &str)> {
-    let mut colon = None;
-    for (i, &b) in value.iter().enumerate() {
-        match b {
-            b'a'..=b'z' | b'-' | b'.' if colon.is_none() => {}
-            b'0'..=b'9' => {}
-            b':' if colon.is_none() => colon = Some(i),
-            _ => return None,
-        }
-    }
-    let end = colon.unwrap_or(value.len());
-    let name = &value[..end];
-    if name.is_empty() || name.ends_with(b".") {
+    let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+    let (name, port) = value.split_at(end);
+    let plain_name = !name.is_empty()
+        && !name.ends_with(b".")
+        && name
+            .iter()
+            .all(|&b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.'));
+    // `port` is empty or starts with the colon.
+    if !plain_name || port.get(1..).is_some_and(|digits| !is_port(digits)) {
         return None;
     }
-    if colon.is_some() && !is_port(&value[end + 1..]) {
-        return None;
-    }
-    // Only ASCII bytes passed the loop.
-    let host = std::str::from_utf8(value).ok()?;
+    // SAFETY: every byte is ASCII: the name's were checked above, the
+    // port's are digits (`is_port`), and the colon between them. (The
+    // checked conversion costs more than the whole check on this path.)
+    let host = unsafe { std::str::from_utf8_unchecked(value) };
     Some((host, &host[..end]))
 }
 
