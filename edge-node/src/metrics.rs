@@ -1,14 +1,13 @@
 //! Request metrics kept by the node and rendered in Prometheus text format.
 
 use std::collections::BTreeMap;
-
-use rustc_hash::FxHashMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use atoll_runtime::WorkerStats;
+use rustc_hash::FxHashMap;
 
 /// Upper bounds (seconds) of the request latency histogram buckets.
 const BUCKETS: [f64; 12] = [

@@ -174,15 +174,15 @@ impl Routes {
         let host = lowercase(strip_port(host));
         let host = host.trim_end_matches('.');
         let path = path.split(['?', '#']).next().unwrap_or("/");
-        // From the most specific pattern down: the exact host, then
-        // wildcards by longest suffix, then any host. Within a pattern, the
-        // longest matching prefix.
         self.lookup_plain(host, path)
     }
 
     /// [`Routes::lookup`] for a host already in the form it normalizes to
     /// (lowercase, no port, no trailing dot) and a path without query.
     pub fn lookup_plain(&self, host: &str, path: &str) -> Option<&Arc<Deployment>> {
+        // From the most specific pattern down: the exact host, then
+        // wildcards by longest suffix, then any host. Within a pattern, the
+        // longest matching prefix.
         self.host_patterns(host)
             .find_map(|routes| routes.lookup(path))
     }
