@@ -103,6 +103,20 @@ tree_ticks() {
     awk '{ sub(/^.*\) /, ""); u += $12; s += $13 } END { print u + 0, s + 0 }'
 }
 
+# start_warm NAME PORT CMD...: starts the server pinned to $SERVER_CPU
+# (its pid in $last_pid), waits until it answers, and warms it up with
+# $WARMUP of wrk pinned to $CLIENT_CPU.
+start_warm() {
+  local name=$1 port=$2
+  shift 2
+  step "$name: $*"
+  start_pinned "$SERVER_CPU" "$name" "$@"
+  wait_up "$port" "$name"
+  local script=()
+  [ -n "${WRK_SCRIPT:-}" ] && script=(-s "$WRK_SCRIPT")
+  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "${script[@]}" "http://127.0.0.1:$port/" >/dev/null
+}
+
 declare -A rps p50 p99 user_us sys_us
 # run NAME PORT CMD...: starts the server pinned to $SERVER_CPU, warms it up,
 # then loads it with wrk pinned to $CLIENT_CPU and records the results,
@@ -111,14 +125,11 @@ declare -A rps p50 p99 user_us sys_us
 run() {
   local name=$1 port=$2
   shift 2
-  step "$name: $*"
-  start_pinned "$SERVER_CPU" "$name" "$@"
+  start_warm "$name" "$port" "$@"
   local pid=$last_pid
-  wait_up "$port" "$name"
   # $WRK_SCRIPT (a wrk Lua file), when set, shapes the requests.
   local script=()
   [ -n "${WRK_SCRIPT:-}" ] && script=(-s "$WRK_SCRIPT")
-  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "${script[@]}" "http://127.0.0.1:$port/" >/dev/null
   local out before after requests
   before=$(tree_ticks "$pid")
   out=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "${script[@]}" "http://127.0.0.1:$port/")

@@ -24,11 +24,8 @@ atoll_config hello.js "$PORT_BASE"
 measure() {
   local name=$1 port=$2
   shift 2
-  step "$name: $*"
-  start_pinned "$SERVER_CPU" "$name" "$@"
+  start_warm "$name" "$port" "$@"
   local pid=$last_pid
-  wait_up "$port" "$name"
-  taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "http://127.0.0.1:$port/" >/dev/null
   local stat="$work/$name.stat" out
   # perf counts on both cores for the whole wrk run; -A splits them by CPU.
   out=$(perf stat -a -A -x, -o "$stat" \
