@@ -280,13 +280,11 @@ impl EdgeNode {
         // The host becomes part of the URL the handler parses and selects
         // the route: it must be a plain authority. The usual Host header
         // (lowercase name, optional port) is checked and split in one pass.
-        let fast = headers
-            .get(http::header::HOST)
-            .and_then(|h| split_plain_host(h.as_bytes()));
-        let (host, route_host) = match fast {
+        let host_header = headers.get(http::header::HOST);
+        let (host, route_host) = match host_header.and_then(|h| split_plain_host(h.as_bytes())) {
             Some((host, name)) => (Some(host), Some(name)),
             None => {
-                let host = match headers.get(http::header::HOST) {
+                let host = match host_header {
                     Some(h) => h.to_str().ok(),
                     // HTTP/2 carries the host in :authority, not a Host header.
                     None => Some(uri.authority().map_or("localhost", |a| a.as_str())),
