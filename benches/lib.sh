@@ -155,13 +155,16 @@ declare -A round_rps round_p99 round_row
 # rounds NAME...: runs each server (the caller's function `serve_NAME`,
 # which calls `run NAME ...`) one after another, $ROUNDS times over,
 # interleaved so the VM's slow and fast minutes fall on all of them alike.
-# Keeps every round's requests/s and p99 for `report`; rps, p50, p99,
-# user_us and sys_us end up holding each server's median round (by
-# requests/s).
+# Each round starts one server further along the list, so no server always
+# runs first or always right after the same other one. Keeps every round's
+# requests/s and p99 for `report`; rps, p50, p99, user_us and sys_us end up
+# holding each server's median round (by requests/s).
 rounds() {
-  local r name median
+  local r i name median
+  local names=("$@")
   for r in $(seq 1 "$ROUNDS"); do
-    for name in "$@"; do
+    for i in "${!names[@]}"; do
+      name=${names[$(((i + r - 1) % ${#names[@]}))]}
       "serve_$name"
       round_rps[$name,$r]=${rps[$name]}
       round_p99[$name,$r]=${p99[$name]}
