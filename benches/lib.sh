@@ -151,7 +151,7 @@ run() {
 }
 
 ROUNDS=${ROUNDS:-1}
-declare -A round_rps round_p99 round_row
+declare -A round_rps round_p99 round_cpu round_row
 # rounds NAME...: runs each server (the caller's function `serve_NAME`,
 # which calls `run NAME ...`) one after another, $ROUNDS times over,
 # interleaved so the VM's slow and fast minutes fall on all of them alike.
@@ -168,6 +168,7 @@ rounds() {
       "serve_$name"
       round_rps[$name,$r]=${rps[$name]}
       round_p99[$name,$r]=${p99[$name]}
+      round_cpu[$name,$r]=$(awk -v u="${user_us[$name]}" -v s="${sys_us[$name]}" 'BEGIN { print u + s }')
       round_row[$name,$r]="${rps[$name]} ${p50[$name]} ${p99[$name]} ${user_us[$name]} ${sys_us[$name]}"
     done
   done
@@ -180,7 +181,9 @@ rounds() {
 
 # Prints the table for servers "$@" (their median round when there were
 # several) and atoll's ratio to each other one: per round, and the median
-# of those ratios.
+# of those ratios. With the server's core saturated, its CPU time per
+# request (user + system) sets requests/s and moves less between rounds,
+# so its ratio is printed too (below 1: Atoll spends less).
 report() {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%Y-%m-%d)"
   local s r
@@ -201,9 +204,11 @@ report() {
       continue
     fi
     for r in $(seq 1 "$ROUNDS"); do
-      echo "${round_rps[atoll,$r]} ${round_rps[$s,$r]} ${round_p99[atoll,$r]} ${round_p99[$s,$r]}"
+      echo "${round_rps[atoll,$r]} ${round_rps[$s,$r]} ${round_p99[atoll,$r]} ${round_p99[$s,$r]}" \
+        "${round_cpu[atoll,$r]} ${round_cpu[$s,$r]}"
     done | awk -v s="$s" '
-      { q[NR] = $1 / $2; l[NR] = $3 / $4; qs = qs sprintf(" %.2f", q[NR]); ls = ls sprintf(" %.2f", l[NR]) }
+      { q[NR] = $1 / $2; l[NR] = $3 / $4; qs = qs sprintf(" %.2f", q[NR]); ls = ls sprintf(" %.2f", l[NR])
+        c[NR] = $6 > 0 ? $5 / $6 : 0; cs = cs sprintf(" %.2f", c[NR]) }
       function median(a, n,   i, j, t) {
         for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
         return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
@@ -211,6 +216,7 @@ report() {
       END {
         printf "atoll / %-8s requests/s by round%s, median %.2fx\n", s ":", qs, median(q, NR)
         printf "%-17s p99 by round%s, median %.2fx\n", "", ls, median(l, NR)
+        printf "%-17s server CPU per request by round%s, median %.2fx\n", "", cs, median(c, NR)
       }'
   done
 }
