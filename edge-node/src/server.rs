@@ -297,11 +297,11 @@ impl EdgeNode {
         let Some(host) = host else {
             tracing::info!(target: "atoll::request", %request_id, %method, %path, %peer, status = 400, "Host is not a valid host name");
             self.metrics.rejected(400);
-            return HandlingState::Answered(Some(plain(
+            return HandlingState::Answered(Some(Box::new(plain(
                 StatusCode::BAD_REQUEST,
                 &request_id,
                 "the Host header is not a valid host name\n".to_string(),
-            )));
+            ))));
         };
 
         let routes = self.routes.load();
@@ -312,11 +312,11 @@ impl EdgeNode {
         let Some(deployment) = routed.cloned() else {
             tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, %peer, status = 404, "no route");
             self.metrics.unrouted();
-            return HandlingState::Answered(Some(plain(
+            return HandlingState::Answered(Some(Box::new(plain(
                 StatusCode::NOT_FOUND,
                 &request_id,
                 format!("no worker is routed for host {host} and path {path}\n"),
-            )));
+            ))));
         };
         drop(routes);
 
@@ -327,10 +327,10 @@ impl EdgeNode {
             tracing::info!(target: "atoll::request", %request_id, %method, %host, %path, %peer, status = 413, "body too large");
             self.metrics
                 .request(&deployment.tenant, 413, started, started.elapsed());
-            return HandlingState::Answered(Some(too_large(
+            return HandlingState::Answered(Some(Box::new(too_large(
                 &request_id,
                 self.limits.max_body_bytes,
-            )));
+            ))));
         }
 
         let span = tracing::info_span!(
@@ -352,7 +352,11 @@ impl EdgeNode {
             cpu: cpu.clone(),
         };
         // A cold start may log (pool misses, evictions): under this request.
-        let answer = span.in_scope(|| self.runtime.dispatch(deployment.clone(), request));
+        // Entered by a guard, not `in_scope`: a closure would take the
+        // request (some 200 bytes) by a copy first.
+        let entered = span.enter();
+        let answer = self.runtime.dispatch(deployment.clone(), request);
+        drop(entered);
         HandlingState::Dispatched(Box::new(Dispatched {
             node: self.clone(),
             ctx: RequestContext {
@@ -377,7 +381,7 @@ impl EdgeNode {
     fn finish<B>(
         &self,
         ctx: &RequestContext,
-        result: Result<atoll_runtime::OutgoingResponse, DispatchError>,
+        result: Result<Box<atoll_runtime::OutgoingResponse>, DispatchError>,
         wrap: impl FnOnce(ResponseBody) -> B,
     ) -> Response<B> {
         let RequestContext {
@@ -487,8 +491,10 @@ struct Dispatched {
 
 /// How [`EdgeNode::start`] left a request.
 enum HandlingState {
-    /// Answered without a tenant.
-    Answered(Option<Response<ResponseBody>>),
+    /// Answered without a tenant. Boxed: this rare answer would otherwise
+    /// make every request's service future (which hyper moves into the
+    /// connection's state) the size of a whole response.
+    Answered(Option<Box<Response<ResponseBody>>>),
     /// Waiting for the tenant's isolate. Boxed: hyper moves the service
     /// future several times per request (into its slot, through polls), and
     /// unboxed this state made each move a `memcpy` of some 280 bytes.
@@ -505,23 +511,25 @@ impl HandlingState {
         wrap: impl FnOnce(ResponseBody) -> B,
     ) -> std::task::Poll<Response<B>> {
         use std::task::Poll;
-        let resp = match self {
-            HandlingState::Answered(resp) => resp
-                .take()
-                .expect("Handling polled after completion")
-                .map(wrap),
+        let result = match self {
             HandlingState::Dispatched(d) => {
-                let Dispatched { node, ctx, answer } = &mut **d;
-                let Poll::Ready(result) = std::pin::Pin::new(answer).poll(cx) else {
+                let Poll::Ready(result) = std::pin::Pin::new(&mut d.answer).poll(cx) else {
                     return Poll::Pending;
                 };
-                node.finish(ctx, result, wrap)
+                Some(result)
             }
-            HandlingState::Done => panic!("Handling polled after completion"),
+            _ => None,
         };
-        // The context is dropped in place, not moved out.
-        *self = HandlingState::Done;
-        Poll::Ready(resp)
+        // The response is built as the returned value, not into a local
+        // that is then copied out (it is some 160 bytes); the context is
+        // dropped in place, not moved out.
+        match (std::mem::replace(self, HandlingState::Done), result) {
+            (HandlingState::Dispatched(d), Some(result)) => {
+                Poll::Ready(d.node.finish(&d.ctx, result, wrap))
+            }
+            (HandlingState::Answered(Some(resp)), _) => Poll::Ready((*resp).map(wrap)),
+            _ => panic!("Handling polled after completion"),
+        }
     }
 }
 
@@ -542,6 +550,11 @@ struct Served {
     handling: Handling,
     active: Option<ActiveRequest>,
 }
+
+// hyper moves each request's service future into the connection's state,
+// memory that has gone cold since the connection's last request: a few
+// words move in registers, a larger future is a `memcpy` through cache misses.
+const _: () = assert!(std::mem::size_of::<Served>() <= 32);
 
 impl Future for Served {
     type Output = Result<Response<TrackedBody<ResponseBody>>, Infallible>;
@@ -848,8 +861,12 @@ fn plain(status: StatusCode, request_id: &RequestId, text: String) -> Response<R
     resp
 }
 
+#[allow(
+    clippy::boxed_local,
+    reason = "the head arrives boxed; unboxing it for the call would copy it"
+)]
 fn build_response<B>(
-    resp: atoll_runtime::OutgoingResponse,
+    resp: Box<atoll_runtime::OutgoingResponse>,
     request_id: &RequestId,
     wrap: impl FnOnce(ResponseBody) -> B,
 ) -> Response<B> {

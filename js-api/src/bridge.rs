@@ -103,7 +103,10 @@ pub struct IncomingRequest {
     /// Request body.
     pub body: RequestBody,
     /// Receives the response head (or the handler's error) exactly once.
-    pub respond: oneshot::Sender<Result<OutgoingResponse, HandlerError>>,
+    /// Boxed: the head passes through the channel and several frames on
+    /// the connection's side, and each move of the unboxed head (some 150
+    /// bytes) was a `memcpy`.
+    pub respond: oneshot::Sender<Result<Box<OutgoingResponse>, HandlerError>>,
 }
 
 /// The body of a handler's response.
@@ -186,7 +189,7 @@ pub(crate) struct Pending {
     /// The request body resource, closed when the request finishes so an
     /// unread upload does not hold the client's connection.
     pub(crate) body_rid: Option<deno_core::ResourceId>,
-    pub(crate) respond: Option<oneshot::Sender<Result<OutgoingResponse, HandlerError>>>,
+    pub(crate) respond: Option<oneshot::Sender<Result<Box<OutgoingResponse>, HandlerError>>>,
     pub(crate) body: Option<mpsc::Sender<Result<Bytes, String>>>,
     /// `fetch()` calls made so far.
     pub(crate) subrequests: usize,

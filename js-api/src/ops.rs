@@ -260,11 +260,11 @@ fn respond_full(
         send_head(
             state,
             id,
-            Ok(OutgoingResponse {
+            Ok(Box::new(OutgoingResponse {
                 status,
                 headers: headers(http::HeaderMap::new()),
                 body,
-            }),
+            })),
         );
         return;
     }
@@ -278,17 +278,17 @@ fn respond_full(
         // JS took it) is free: the response's headers reuse its allocation.
         let spare = p.headers.take().unwrap_or_default();
         // The client may have gone away; nothing to do then.
-        let _ = tx.send(Ok(OutgoingResponse {
+        let _ = tx.send(Ok(Box::new(OutgoingResponse {
             status,
             headers: headers(spare),
             body,
-        }));
+        })));
     }
     close_body(state, p.body_rid);
 }
 
 /// Sends request `id`'s response head (or its failure), unless one was sent.
-fn send_head(state: &OpState, id: u32, response: Result<OutgoingResponse, HandlerError>) {
+fn send_head(state: &OpState, id: u32, response: Result<Box<OutgoingResponse>, HandlerError>) {
     let bridge = bridge(state);
     if let Some(p) = bridge.pending.borrow_mut().get_mut(&id)
         && let Some(tx) = {
@@ -333,11 +333,11 @@ fn send_stream_head(
     send_head(
         state,
         id,
-        Ok(OutgoingResponse {
+        Ok(Box::new(OutgoingResponse {
             status,
             headers,
             body: OutgoingBody::Stream { chunks: rx, length },
-        }),
+        })),
     );
     tx
 }

@@ -157,7 +157,7 @@ pub struct Answer {
 
 enum AnswerState {
     Waiting {
-        rx: oneshot::Receiver<Result<OutgoingResponse, atoll_js_api::HandlerError>>,
+        rx: oneshot::Receiver<Result<Box<OutgoingResponse>, atoll_js_api::HandlerError>>,
         backstop: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
         wall: std::time::Duration,
     },
@@ -174,7 +174,7 @@ impl Answer {
 }
 
 impl Future for Answer {
-    type Output = Result<OutgoingResponse, DispatchError>;
+    type Output = Result<Box<OutgoingResponse>, DispatchError>;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
