@@ -151,14 +151,15 @@ run() {
 }
 
 ROUNDS=${ROUNDS:-1}
-declare -A round_rps round_p99 round_cpu round_row
+declare -A round_row
 # rounds NAME...: runs each server (the caller's function `serve_NAME`,
 # which calls `run NAME ...`) one after another, $ROUNDS times over,
 # interleaved so the VM's slow and fast minutes fall on all of them alike.
 # Each round starts one server further along the list, so no server always
 # runs first or always right after the same other one. Keeps every round's
-# requests/s and p99 for `report`; rps, p50, p99, user_us and sys_us end up
-# holding each server's median round (by requests/s).
+# row (requests/s, p50, p99, user and system µs per request) for `report`;
+# rps, p50, p99, user_us and sys_us end up holding each server's median
+# round (by requests/s).
 rounds() {
   local r i name median
   local names=("$@")
@@ -166,9 +167,6 @@ rounds() {
     for i in "${!names[@]}"; do
       name=${names[$(((i + r - 1) % ${#names[@]}))]}
       "serve_$name"
-      round_rps[$name,$r]=${rps[$name]}
-      round_p99[$name,$r]=${p99[$name]}
-      round_cpu[$name,$r]=$(awk -v u="${user_us[$name]}" -v s="${sys_us[$name]}" 'BEGIN { print u + s }')
       round_row[$name,$r]="${rps[$name]} ${p50[$name]} ${p99[$name]} ${user_us[$name]} ${sys_us[$name]}"
     done
   done
@@ -204,11 +202,11 @@ report() {
       continue
     fi
     for r in $(seq 1 "$ROUNDS"); do
-      echo "${round_rps[atoll,$r]} ${round_rps[$s,$r]} ${round_p99[atoll,$r]} ${round_p99[$s,$r]}" \
-        "${round_cpu[atoll,$r]} ${round_cpu[$s,$r]}"
+      # Atoll's row, then the other server's (see `rounds`).
+      echo "${round_row[atoll,$r]} ${round_row[$s,$r]}"
     done | awk -v s="$s" '
-      { q[NR] = $1 / $2; l[NR] = $3 / $4; qs = qs sprintf(" %.2f", q[NR]); ls = ls sprintf(" %.2f", l[NR])
-        c[NR] = $6 > 0 ? $5 / $6 : 0; cs = cs sprintf(" %.2f", c[NR]) }
+      { q[NR] = $1 / $6; l[NR] = $3 / $8; qs = qs sprintf(" %.2f", q[NR]); ls = ls sprintf(" %.2f", l[NR])
+        c[NR] = $9 + $10 > 0 ? ($4 + $5) / ($9 + $10) : 0; cs = cs sprintf(" %.2f", c[NR]) }
       function median(a, n,   i, j, t) {
         for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
         return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
