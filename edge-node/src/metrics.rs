@@ -27,7 +27,8 @@ struct Histogram {
 #[derive(Default)]
 struct TenantStats {
     /// Requests by status, ordered by status: a tenant answers with few
-    /// statuses, so a scan beats a map on the per-request path.
+    /// statuses, so a search of this short list beats a map on the
+    /// per-request path.
     by_status: Vec<(u16, u64)>,
     latency: Histogram,
     /// When the last request recorded arrived.
@@ -69,10 +70,9 @@ impl Histogram {
 impl TenantStats {
     /// The counter of requests answered with `status`.
     fn count_of(&mut self, status: u16) -> &mut u64 {
-        let i = match self.by_status.iter().position(|&(s, _)| s == status) {
-            Some(i) => i,
-            None => {
-                let at = self.by_status.partition_point(|&(s, _)| s < status);
+        let i = match self.by_status.binary_search_by_key(&status, |&(s, _)| s) {
+            Ok(i) => i,
+            Err(at) => {
                 self.by_status.insert(at, (status, 0));
                 at
             }
