@@ -72,6 +72,10 @@ pub(crate) struct HeadDeadline {
     /// The connection's task, woken when `expired`, `draining` or
     /// `check_peer` is set.
     connection: AtomicWaker,
+    /// Set when a wake took the connection's waker: its next poll registers
+    /// it again. Until then the registration stands, and the connection's
+    /// two polls per request skip `register`'s two compare-and-swaps.
+    waker_taken: AtomicBool,
 }
 
 impl HeadDeadline {
@@ -86,13 +90,23 @@ impl HeadDeadline {
             draining: AtomicBool::new(false),
             check_peer: AtomicBool::new(false),
             connection: AtomicWaker::new(),
+            waker_taken: AtomicBool::new(true),
         })
     }
 
     /// Asks the connection to finish its request in flight and close.
     pub(crate) fn drain(&self) {
         self.draining.store(true, Ordering::Release);
-        self.connection.wake();
+        self.wake_connection();
+    }
+
+    /// Wakes the connection's task, if it is waiting.
+    fn wake_connection(&self) {
+        if let Some(waker) = self.connection.take() {
+            // Before the wake: the poll it causes must see the flag.
+            self.waker_taken.store(true, Ordering::Release);
+            waker.wake();
+        }
     }
 
     #[cfg(test)]
@@ -132,6 +146,7 @@ impl HeadDeadline {
         let _timer = limit.map(|limit| AbortOnDrop(tokio::spawn(self.clone().expire_after(limit))));
         let mut connection = std::pin::pin!(connection);
         let mut shutting_down = false;
+        let mut registered: Option<std::task::Waker> = None;
         // Whether the connection should be shut down gracefully now.
         let stop = || {
             self.draining.load(Ordering::Acquire)
@@ -141,7 +156,10 @@ impl HeadDeadline {
             if !graceful && self.expired.load(Ordering::Acquire) {
                 return Poll::Ready(None);
             }
+            // Read before the swap: a locked instruction on every poll
+            // otherwise, for a flag that is almost never set.
             if let Some(fd) = peer
+                && self.check_peer.load(Ordering::Acquire)
                 && self.check_peer.swap(false, Ordering::AcqRel)
                 && crate::linger::peer_closed(fd)
             {
@@ -155,9 +173,18 @@ impl HeadDeadline {
             if let Poll::Ready(out) = connection.as_mut().poll(cx) {
                 return Poll::Ready(Some(out));
             }
-            self.connection.register(cx.waker());
-            // Expired or told to drain between the checks and registering:
-            // no wake is coming for it.
+            // Registered again only once a wake took the waker, or if the
+            // task's waker changed (tokio's stays the same).
+            if self.waker_taken.load(Ordering::Acquire)
+                || !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                self.waker_taken.store(false, Ordering::Relaxed);
+                self.connection.register(cx.waker());
+                registered = Some(cx.waker().clone());
+            }
+            // Expired or told to drain between the checks and registering
+            // (or a wake that found no waker meanwhile): no wake is coming
+            // for it.
             if (!graceful && self.expired.load(Ordering::Acquire)) || (!shutting_down && stop()) {
                 cx.waker().wake_by_ref();
             }
@@ -193,7 +220,7 @@ impl HeadDeadline {
                     // limit later.)
                     events_seen = now;
                     self.check_peer.store(true, Ordering::Release);
-                    self.connection.wake();
+                    self.wake_connection();
                 }
                 continue;
             }
@@ -211,7 +238,7 @@ impl HeadDeadline {
             };
             if due <= now {
                 self.expired.store(true, Ordering::Release);
-                self.connection.wake();
+                self.wake_connection();
                 return;
             }
             wake = wake.min(due);
@@ -425,6 +452,32 @@ mod tests {
         state.drain();
         assert_eq!(served.await.ok(), Some(Some("closed")));
         assert_eq!(shut_downs.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_wake_reaches_the_connection_not_only_the_first() {
+        // The waker is registered again only after a wake took it: a second
+        // wake must still find it.
+        let state = HeadDeadline::new();
+        let polls = Arc::new(AtomicU32::new(0));
+        let served = {
+            let (state, polls) = (state.clone(), polls.clone());
+            tokio::spawn(async move {
+                let connection = std::future::poll_fn(move |_| {
+                    polls.fetch_add(1, Ordering::SeqCst);
+                    Poll::<()>::Pending
+                });
+                state.serve(connection, None, None, |_| {}).await
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        for wake in 1..=3 {
+            state.wake_connection();
+            tokio::task::yield_now().await;
+            assert_eq!(polls.load(Ordering::SeqCst), 1 + wake);
+        }
+        served.abort();
     }
 
     #[tokio::test(start_paused = true)]
