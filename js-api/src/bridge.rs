@@ -103,10 +103,40 @@ pub struct IncomingRequest {
     /// Request body.
     pub body: RequestBody,
     /// Receives the response head (or the handler's error) exactly once.
-    /// Boxed: the head passes through the channel and several frames on
-    /// the connection's side, and each move of the unboxed head (some 150
-    /// bytes) was a `memcpy`.
-    pub respond: oneshot::Sender<Result<Box<OutgoingResponse>, HandlerError>>,
+    pub respond: Responder,
+}
+
+/// What a request's answer is: its response head (boxed: the head passes
+/// through the channel and several frames on the connection's side, and
+/// each move of the unboxed head, some 150 bytes, was a `memcpy`) or why
+/// the handler failed.
+pub type Answer = Result<Box<OutgoingResponse>, HandlerError>;
+
+/// Where a request's answer goes, exactly once: later answers are dropped.
+pub struct Responder(Option<oneshot::Sender<Answer>>);
+
+impl Responder {
+    /// Answers go to `tx`.
+    pub fn new(tx: oneshot::Sender<Answer>) -> Responder {
+        Responder(Some(tx))
+    }
+
+    /// Sends `answer` unless one was sent; returns whether this one was
+    /// (a client that went away still counts as sent to).
+    pub fn send(&mut self, answer: Answer) -> bool {
+        match self.0.take() {
+            Some(tx) => {
+                let _ = tx.send(answer);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether no answer has been sent yet.
+    pub fn is_waiting(&self) -> bool {
+        self.0.is_some()
+    }
 }
 
 /// The body of a handler's response.
@@ -182,14 +212,17 @@ pub struct LogLine {
 pub type LogSink = Rc<dyn Fn(LogLine)>;
 
 pub(crate) struct Pending {
-    pub(crate) request_id: RequestId,
-    /// The request's headers until JS first asks for them (most handlers
-    /// never do, so they are not converted up front).
-    pub(crate) headers: Option<http::HeaderMap>,
+    /// The request as delivered, kept in its box: the map's entry stays
+    /// small, so inserting and removing it moves a few words, not the
+    /// request's header map. Its headers are there until JS first asks for
+    /// them (most handlers never do, so they are not converted up front);
+    /// its `respond` until the head is sent.
+    pub(crate) req: Box<IncomingRequest>,
+    /// JS took the request's headers (left empty in `req`).
+    pub(crate) headers_taken: bool,
     /// The request body resource, closed when the request finishes so an
     /// unread upload does not hold the client's connection.
     pub(crate) body_rid: Option<deno_core::ResourceId>,
-    pub(crate) respond: Option<oneshot::Sender<Result<Box<OutgoingResponse>, HandlerError>>>,
     pub(crate) body: Option<mpsc::Sender<Result<Bytes, String>>>,
     /// `fetch()` calls made so far.
     pub(crate) subrequests: usize,
@@ -200,6 +233,14 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
+    /// The request's headers, unless JS took them already.
+    pub(crate) fn take_headers(&mut self) -> Option<http::HeaderMap> {
+        if std::mem::replace(&mut self.headers_taken, true) {
+            return None;
+        }
+        Some(std::mem::take(&mut self.req.headers))
+    }
+
     /// Notes that the request's code called into the host (see
     /// [`HostBridge::take_touched`]).
     pub(crate) fn touch(&mut self, id: u32, touched: &RefCell<Vec<u32>>) {
@@ -334,30 +375,31 @@ impl HostBridge {
         }
         let id = req.id;
         bridge.last_started.set(Some(id));
+        // The URL went to JS with the batch: free it now, not with the request.
+        let mut req = req;
+        drop(std::mem::take(&mut req.url));
         // Taken in: registered as pending, its body (if any) made a resource.
-        let pending = Pending {
-            request_id: req.request_id,
-            headers: Some(req.headers),
+        let body = std::mem::replace(&mut req.body, RequestBody::Empty);
+        let mut pending = Pending {
+            req,
+            headers_taken: false,
             body_rid: None,
-            respond: Some(req.respond),
             body: None,
             subrequests: 0,
             open_fetches: 0,
             touched: false,
         };
-        match req.body {
+        match body {
             // The common case: one look-up of the bridge in the state.
             RequestBody::Empty => {
                 bridge.pending.borrow_mut().insert(id, pending);
             }
             RequestBody::Stream { chunks, length } => {
-                let rid = state
-                    .resource_table
-                    .add(crate::ops::RequestBodyResource::new(chunks, length));
-                let pending = Pending {
-                    body_rid: Some(rid),
-                    ..pending
-                };
+                pending.body_rid = Some(
+                    state
+                        .resource_table
+                        .add(crate::ops::RequestBodyResource::new(chunks, length)),
+                );
                 state
                     .borrow::<HostBridge>()
                     .pending
@@ -388,13 +430,10 @@ impl HostBridge {
         let Some(mut p) = self.pending.borrow_mut().remove(&id) else {
             return false;
         };
-        let had_head = p.respond.is_none();
-        if let Some(tx) = p.respond.take() {
-            let _ = tx.send(Err(HandlerError {
-                kind,
-                detail: detail.to_string(),
-            }));
-        }
+        let had_head = !p.req.respond.send(Err(HandlerError {
+            kind,
+            detail: detail.to_string(),
+        }));
         if let Some(body) = p.body.take() {
             let _ = body.try_send(Err(detail.to_string()));
         }
@@ -418,7 +457,7 @@ impl HostBridge {
     /// How far request `id` has got; `None` once it has finished.
     pub fn stage(&self, id: u32) -> Option<Stage> {
         self.pending.borrow().get(&id).map(|p| {
-            if p.respond.is_some() {
+            if p.req.respond.is_waiting() {
                 Stage::Handler
             } else if p.body.as_ref().is_some_and(|b| !b.is_closed()) {
                 Stage::Body
@@ -437,7 +476,7 @@ impl HostBridge {
         self.pending
             .borrow_mut()
             .remove(&id)
-            .map(|p| (p.request_id, p.body_rid))
+            .map(|p| (p.req.request_id, p.body_rid))
     }
 }
 

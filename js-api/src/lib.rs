@@ -10,9 +10,9 @@ mod header_list;
 mod ops;
 
 pub use bridge::{
-    BodyChunks, ChunkSource, FailureKind, FetchLimits, HandlerError, HostBridge, HostHandle,
-    IncomingRequest, LogLine, LogSink, OutgoingBody, OutgoingResponse, RequestBody, RequestId,
-    Stage, StartGate,
+    Answer, BodyChunks, ChunkSource, FailureKind, FetchLimits, HandlerError, HostBridge,
+    HostHandle, IncomingRequest, LogLine, LogSink, OutgoingBody, OutgoingResponse, RequestBody,
+    RequestId, Responder, Stage, StartGate,
 };
 
 deno_core::extension!(

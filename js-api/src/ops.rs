@@ -136,7 +136,7 @@ pub fn op_atoll_request_headers<'s>(
         .get_mut(&id)
         .and_then(|p| {
             p.touch(id, &bridge.touched);
-            p.headers.take()
+            p.take_headers()
         })
         .ok_or_else(|| JsErrorBox::type_error("the request has finished"))?;
     let mut flat: Vec<v8::Local<'s, v8::Value>> = Vec::with_capacity(headers.len() * 2);
@@ -273,12 +273,12 @@ fn respond_full(
         return;
     };
     p.touch(id, &bridge.touched);
-    if let Some(tx) = p.respond.take() {
+    if p.req.respond.is_waiting() {
         // The request ends with this answer, so its own header map (unless
         // JS took it) is free: the response's headers reuse its allocation.
-        let spare = p.headers.take().unwrap_or_default();
+        let spare = p.take_headers().unwrap_or_default();
         // The client may have gone away; nothing to do then.
-        let _ = tx.send(Ok(Box::new(OutgoingResponse {
+        p.req.respond.send(Ok(Box::new(OutgoingResponse {
             status,
             headers: headers(spare),
             body,
@@ -290,14 +290,10 @@ fn respond_full(
 /// Sends request `id`'s response head (or its failure), unless one was sent.
 fn send_head(state: &OpState, id: u32, response: Result<Box<OutgoingResponse>, HandlerError>) {
     let bridge = bridge(state);
-    if let Some(p) = bridge.pending.borrow_mut().get_mut(&id)
-        && let Some(tx) = {
-            p.touch(id, &bridge.touched);
-            p.respond.take()
-        }
-    {
+    if let Some(p) = bridge.pending.borrow_mut().get_mut(&id) {
+        p.touch(id, &bridge.touched);
         // The client may have gone away; nothing to do then.
-        let _ = tx.send(response);
+        p.req.respond.send(response);
     }
 }
 
@@ -569,12 +565,10 @@ fn finish_request(state: &mut OpState, id: u32) {
     let removed = bridge(state).pending.borrow_mut().remove(&id);
     if let Some(mut p) = removed {
         close_body(state, p.body_rid.take());
-        if let Some(tx) = p.respond.take() {
-            let _ = tx.send(Err(HandlerError {
-                kind: FailureKind::Exception,
-                detail: "the handler finished without producing a response".into(),
-            }));
-        }
+        p.req.respond.send(Err(HandlerError {
+            kind: FailureKind::Exception,
+            detail: "the handler finished without producing a response".into(),
+        }));
     }
 }
 
@@ -597,7 +591,7 @@ pub fn op_atoll_log(state: &mut OpState, #[smi] level: u8, id: u32, #[string] me
     } else {
         bridge.pending.borrow_mut().get_mut(&id).map(|p| {
             p.touch(id, &bridge.touched);
-            p.request_id
+            p.req.request_id
         })
     };
     (bridge.log)(LogLine {

@@ -389,7 +389,7 @@ fn call_guarded<'s>(
 }
 
 /// Answers `req`, which never reached JS, with a dispatch failure.
-fn fail_undelivered(req: Box<IncomingRequest>, why: &str) {
+fn fail_undelivered(mut req: Box<IncomingRequest>, why: &str) {
     let _ = req.respond.send(Err(atoll_js_api::HandlerError {
         kind: FailureKind::Exception,
         detail: format!("the request could not be dispatched: {why}"),

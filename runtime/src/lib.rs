@@ -379,7 +379,7 @@ impl Runtime {
                     url,
                     headers,
                     body,
-                    respond: tx,
+                    respond: atoll_js_api::Responder::new(tx),
                 }),
                 received,
                 cpu,

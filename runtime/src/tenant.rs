@@ -202,7 +202,7 @@ impl TenantSlot {
 
     /// Queues a request for the isolate; the driving task admits it once
     /// the isolate is under its concurrency limit.
-    pub(crate) fn dispatch(&self, d: Dispatch) {
+    pub(crate) fn dispatch(&self, mut d: Dispatch) {
         let mut st = self.state.borrow_mut();
         if st.ended || st.retired {
             // The isolate's task is gone (or going): the caller starts a
@@ -288,7 +288,7 @@ async fn run(
         // Requests that waited for the module to load share its failure.
         let mut st = state.borrow_mut();
         if !st.booted {
-            for q in st.queue.drain(..) {
+            for mut q in st.queue.drain(..) {
                 let _ = q.incoming.respond.send(Err(HandlerError {
                     kind,
                     detail: detail.clone(),
@@ -342,7 +342,7 @@ impl Drop for EndGuard {
             return;
         };
         st.ended = true;
-        for q in st.queue.drain(..) {
+        for mut q in st.queue.drain(..) {
             let _ = q.incoming.respond.send(Err(HandlerError {
                 kind: FailureKind::Unavailable,
                 detail: "the isolate ended before the request could start".into(),
@@ -768,9 +768,7 @@ async fn drive(
             if now < q.deadline {
                 return true;
             }
-            let (respond, _) = oneshot::channel();
-            let respond = std::mem::replace(&mut q.incoming.respond, respond);
-            let _ = respond.send(Err(HandlerError {
+            let _ = q.incoming.respond.send(Err(HandlerError {
                 kind: FailureKind::WallClockLimit,
                 detail: "the request waited for a free slot past the wall-clock limit".into(),
             }));
