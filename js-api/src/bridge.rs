@@ -110,20 +110,20 @@ pub struct IncomingRequest {
 /// through the channel and several frames on the connection's side, and
 /// each move of the unboxed head, some 150 bytes, was a `memcpy`) or why
 /// the handler failed.
-pub type Answer = Result<Box<OutgoingResponse>, HandlerError>;
+pub type HandlerResult = Result<Box<OutgoingResponse>, HandlerError>;
 
 /// Where a request's answer goes, exactly once: later answers are dropped.
-pub struct Responder(Option<oneshot::Sender<Answer>>);
+pub struct Responder(Option<oneshot::Sender<HandlerResult>>);
 
 impl Responder {
     /// Answers go to `tx`.
-    pub fn new(tx: oneshot::Sender<Answer>) -> Responder {
+    pub fn new(tx: oneshot::Sender<HandlerResult>) -> Responder {
         Responder(Some(tx))
     }
 
     /// Sends `answer` unless one was sent; returns whether this one was
     /// (a client that went away still counts as sent to).
-    pub fn send(&mut self, answer: Answer) -> bool {
+    pub fn send(&mut self, answer: HandlerResult) -> bool {
         match self.0.take() {
             Some(tx) => {
                 let _ = tx.send(answer);

@@ -10,7 +10,7 @@ mod header_list;
 mod ops;
 
 pub use bridge::{
-    Answer, BodyChunks, ChunkSource, FailureKind, FetchLimits, HandlerError, HostBridge,
+    BodyChunks, ChunkSource, FailureKind, FetchLimits, HandlerError, HandlerResult, HostBridge,
     HostHandle, IncomingRequest, LogLine, LogSink, OutgoingBody, OutgoingResponse, RequestBody,
     RequestId, Responder, Stage, StartGate,
 };
