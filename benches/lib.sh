@@ -312,3 +312,15 @@ script = "bench"
 ${3:-}
 TOML
 }
+
+# each_server FN: calls `FN NAME PORT CMD...` for each of $SERVERS (atoll,
+# deno) that serves hello.js from $work, on ports from $PORT_BASE.
+each_server() {
+  local fn=$1 s
+  for s in $SERVERS; do
+    case $s in
+      atoll) "$fn" atoll "$PORT_BASE" env ATOLL_LOG=warn "$atoll" node --config node.toml ;;
+      deno) "$fn" deno "$((PORT_BASE + 1))" "$deno" serve --quiet --port "$((PORT_BASE + 1))" hello.js ;;
+    esac
+  done
+}

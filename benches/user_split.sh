@@ -73,12 +73,7 @@ split() {
   wait "$last_pid" 2>/dev/null || true
 }
 
-for s in $SERVERS; do
-  case $s in
-    atoll) split atoll "$PORT_BASE" env ATOLL_LOG=warn "$atoll" node --config node.toml ;;
-    deno) split deno "$((PORT_BASE + 1))" "$deno" serve --quiet --port "$((PORT_BASE + 1))" hello.js ;;
-  esac
-done
+each_server split
 
 echo
 echo "microseconds of the server's CPU per request, $CONNECTIONS connections, $DURATION, perf at $FREQ Hz"

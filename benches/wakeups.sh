@@ -49,12 +49,7 @@ measure() {
     }' "$stat" >>"$work/table"
 }
 
-for s in $SERVERS; do
-  case $s in
-    atoll) measure atoll "$PORT_BASE" env ATOLL_LOG=warn "$atoll" node --config node.toml ;;
-    deno) measure deno "$((PORT_BASE + 1))" "$deno" serve --quiet --port "$((PORT_BASE + 1))" hello.js ;;
-  esac
-done
+each_server measure
 
 echo
 echo "per 1,000 requests, $CONNECTIONS connections, $DURATION; server on CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU"
