@@ -288,7 +288,7 @@ fn respond_full(
 }
 
 /// Sends request `id`'s response head (or its failure), unless one was sent.
-fn send_head(state: &OpState, id: u32, response: Result<Box<OutgoingResponse>, HandlerError>) {
+fn send_head(state: &OpState, id: u32, response: crate::HandlerResult) {
     let bridge = bridge(state);
     if let Some(p) = bridge.pending.borrow_mut().get_mut(&id) {
         p.touch(id, &bridge.touched);
