@@ -363,7 +363,7 @@ impl HostBridge {
     /// in and returns its id.
     pub(crate) fn start_next(state: &mut deno_core::OpState) -> Option<u32> {
         let bridge = state.borrow::<HostBridge>();
-        let req = bridge.delivery.borrow_mut().pop_front()?;
+        let mut req = bridge.delivery.borrow_mut().pop_front()?;
         let starts = bridge
             .gate
             .borrow_mut()
@@ -376,7 +376,6 @@ impl HostBridge {
         let id = req.id;
         bridge.last_started.set(Some(id));
         // The URL went to JS with the batch: free it now, not with the request.
-        let mut req = req;
         drop(std::mem::take(&mut req.url));
         // Taken in: registered as pending, its body (if any) made a resource.
         let body = std::mem::replace(&mut req.body, RequestBody::Empty);

@@ -157,7 +157,7 @@ pub struct Answer {
 
 enum AnswerState {
     Waiting {
-        rx: oneshot::Receiver<Result<Box<OutgoingResponse>, atoll_js_api::HandlerError>>,
+        rx: oneshot::Receiver<atoll_js_api::HandlerResult>,
         backstop: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
         wall: std::time::Duration,
     },
