@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::deployment::Deployment;
 use crate::isolate::Isolate;
-use crate::limits::{CpuWatch, sample_period, thread_cpu_time};
+use crate::limits::{CpuWatch, ThreadCpuClock, sample_period, thread_cpu_time};
 use crate::running_request::OnSample;
 
 /// How often deadlines are checked while requests are in flight.
@@ -52,11 +52,13 @@ const YIELD_ROUNDS_AFTER_SLICE: u8 = 8;
 /// meanwhile: past this, the isolate is ended for the others' sake.
 const TURN_BUDGETS: u32 = 4;
 
-/// Handlers started in less wall time than this are taken to have used it
-/// all as CPU, without reading the thread's CPU clock (a system call, about
-/// 1 µs here). Being preempted that briefly can over-charge them by at most
-/// this much; a longer delivery reads the clock and charges only its CPU.
-const SHORT_DELIVERY: Duration = Duration::from_micros(500);
+/// How old the isolate's last reading of its thread's CPU clock (a system
+/// call, about 0.5 µs here) may be before it reads it again; until then
+/// the wall time since is taken as all CPU (`ThreadCpuClock`). Being
+/// preempted that briefly can over-charge a poll's handlers, and loosen
+/// its CPU deadline, by at most this much; under load, polls come every few
+/// hundred microseconds and most of them read no clock at all.
+const CPU_CLOCK_FRESH: Duration = Duration::from_micros(500);
 
 /// A request on its way into an isolate, with where its answer goes.
 pub(crate) struct Dispatch {
@@ -449,6 +451,7 @@ async fn drive(
         sampler.interrupt()
     });
 
+    let mut cpu_clock = ThreadCpuClock::new(CPU_CLOCK_FRESH);
     let mut yields_left = 0u8;
     let mut culprit = None;
     let (kind, detail) = poll_fn(|cx| {
@@ -484,8 +487,8 @@ async fn drive(
                 .unwrap_or_default();
             limits.cpu_per_request.saturating_sub(used)
         };
-        let t0 = thread_cpu_time();
         let wall0 = Instant::now();
+        let t0 = cpu_clock.at(wall0);
         let mut sliced = false;
         let limit = if booted.is_some() {
             limits.cpu_startup
@@ -544,11 +547,7 @@ async fn drive(
                 // is no handler's CPU: scale them down to what the calls used.
                 let wall: Duration = charges.iter().map(|(_, took)| *took).sum();
                 let elapsed = now - wall0;
-                loop_start = if elapsed < SHORT_DELIVERY {
-                    t0 + elapsed
-                } else {
-                    thread_cpu_time()
-                };
+                loop_start = cpu_clock.at(now);
                 let cpu = loop_start.saturating_sub(t0);
                 if cpu < wall {
                     let scale = cpu.as_secs_f64() / wall.as_secs_f64();
@@ -597,7 +596,7 @@ async fn drive(
             memory_sampled = Some(Instant::now());
         }
         watch.disarm();
-        let used = thread_cpu_time().saturating_sub(t0);
+        let used = cpu_clock.at(Instant::now()).saturating_sub(t0);
         cpu_counter.set(cpu_counter.get() + used);
         isolate
             .js
