@@ -53,7 +53,7 @@ const YIELD_ROUNDS_AFTER_SLICE: u8 = 8;
 const TURN_BUDGETS: u32 = 4;
 
 /// How old the isolate's last reading of its thread's CPU clock (a system
-/// call, about 0.5 µs here) may be before it reads it again; until then
+/// call, 0.5–0.7 µs here) may be before it reads it again; until then
 /// the wall time since is taken as all CPU (`ThreadCpuClock`). Being
 /// preempted that briefly can over-charge a poll's handlers, and loosen
 /// its CPU deadline, by at most this much; under load, polls come every few
