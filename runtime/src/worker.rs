@@ -120,6 +120,9 @@ struct Worker {
     /// Fx-hashed: looked up on every request; tenant names come from the
     /// operator's config, not from clients.
     slots: RefCell<FxHashMap<String, Rc<TenantSlot>>>,
+    /// The slot the last request went to: a worker's next request is
+    /// usually for the same deployment, found without hashing its tenant.
+    last: RefCell<std::rc::Weak<TenantSlot>>,
     pool: RefCell<Vec<Isolate>>,
     config: WorkerConfig,
     watch: Arc<CpuWatch>,
@@ -167,6 +170,7 @@ pub(crate) fn spawn(
             rt.block_on(async move {
                 let worker = Rc::new(Worker {
                     slots: RefCell::new(FxHashMap::default()),
+                    last: RefCell::new(std::rc::Weak::new()),
                     pool: RefCell::new(Vec::new()),
                     config,
                     watch: watchdog.register_current_thread(),
@@ -236,6 +240,22 @@ fn handle(worker: &Rc<Worker>, msg: WorkerMsg) {
 impl Worker {
     /// The live isolate of this exact deployment, or a new one (then `true`).
     fn slot_for(&self, deployment: &Arc<Deployment>) -> (Rc<TenantSlot>, bool) {
+        // A live slot is the one its tenant maps to (a slot leaves the map
+        // only retired), and it holds its deployment, so that address
+        // cannot have been reused for another.
+        if let Some(slot) = self.last.borrow().upgrade()
+            && Arc::ptr_eq(&slot.deployment, deployment)
+            && slot.is_alive()
+        {
+            return (slot, false);
+        }
+        let (slot, started) = self.slot_in_map(deployment);
+        *self.last.borrow_mut() = Rc::downgrade(&slot);
+        (slot, started)
+    }
+
+    /// [`Worker::slot_for`], looked up by tenant.
+    fn slot_in_map(&self, deployment: &Arc<Deployment>) -> (Rc<TenantSlot>, bool) {
         if let Some(slot) = self.slots.borrow().get(&deployment.tenant)
             && slot.is_alive()
             // Routes hand out the same Arc until they change: usually no
