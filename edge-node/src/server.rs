@@ -340,7 +340,13 @@ impl EdgeNode {
             deployment = %deployment.version
         );
         let url = [scheme, "://", host, path].concat();
-        let cpu = atoll_runtime::RequestCpu::default();
+        // Only the request's log lines show its CPU time: untracked unless
+        // they will be written.
+        let cpu = if tracing::enabled!(target: "atoll::request", tracing::Level::INFO) {
+            atoll_runtime::RequestCpu::tracked()
+        } else {
+            atoll_runtime::RequestCpu::default()
+        };
         let (body, body_too_large) = request_body(body, self.limits.max_body_bytes);
         let request = HttpRequest {
             request_id,
@@ -396,7 +402,12 @@ impl EdgeNode {
             body_too_large,
         } = ctx;
         // Rounded to hundredths of a millisecond for the log.
-        let cpu_ms = || (cpu.get().as_secs_f64() * 1e5).round() / 100.0;
+        // Absent (not tracked) when the access log is off: warnings then
+        // go without it.
+        let cpu_ms = || {
+            cpu.get()
+                .map(|cpu| (cpu.as_secs_f64() * 1e5).round() / 100.0)
+        };
         let _entered = span.enter();
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let elapsed = started.elapsed();
@@ -898,13 +909,15 @@ fn build_response<B>(
     // disagrees with the body would desynchronize keep-alive connections
     // (response smuggling). Checked by scanning: responses rarely carry
     // any, and a lookup per name costs more than the scan.
-    let hop: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_hop_by_hop(n))
-        .cloned()
-        .collect();
-    for name in hop {
-        headers.remove(name);
+    if headers.keys().any(is_hop_by_hop) {
+        let hop: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| is_hop_by_hop(n))
+            .cloned()
+            .collect();
+        for name in hop {
+            headers.remove(name);
+        }
     }
     *out.headers_mut() = headers;
     out

@@ -61,18 +61,29 @@ pub struct HttpRequest {
 
 /// CPU time charged to one request so far, shared with the server that
 /// logs it: the isolate's thread updates it as it charges the request.
+/// The default tracks nothing (reads as zero) and costs nothing: a server
+/// that will not log a request's CPU time skips the shared counter's
+/// allocation and updates.
 #[derive(Debug, Clone, Default)]
-pub struct RequestCpu(std::sync::Arc<std::sync::atomic::AtomicU64>);
+pub struct RequestCpu(Option<std::sync::Arc<std::sync::atomic::AtomicU64>>);
 
 impl RequestCpu {
-    /// The CPU time charged so far.
-    pub fn get(&self) -> std::time::Duration {
-        std::time::Duration::from_nanos(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    /// A counter the isolate keeps up to date.
+    pub fn tracked() -> RequestCpu {
+        RequestCpu(Some(Default::default()))
+    }
+
+    /// The CPU time charged so far, if this counter is tracked.
+    pub fn get(&self) -> Option<std::time::Duration> {
+        let nanos = self.0.as_ref()?.load(std::sync::atomic::Ordering::Relaxed);
+        Some(std::time::Duration::from_nanos(nanos))
     }
 
     pub(crate) fn set(&self, cpu: std::time::Duration) {
-        let nanos = u64::try_from(cpu.as_nanos()).unwrap_or(u64::MAX);
-        self.0.store(nanos, std::sync::atomic::Ordering::Relaxed);
+        if let Some(shared) = &self.0 {
+            let nanos = u64::try_from(cpu.as_nanos()).unwrap_or(u64::MAX);
+            shared.store(nanos, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
