@@ -127,7 +127,6 @@ fn clock_time(clock: libc::clockid_t) -> Duration {
 }
 
 struct Armed {
-    deadline: Duration,
     isolate: v8::IsolateHandle,
     fired: Arc<AtomicBool>,
     sample: Option<Interrupt>,
@@ -153,6 +152,11 @@ unsafe impl Send for Interrupt {}
 pub struct CpuWatch {
     clock: libc::clockid_t,
     armed: Mutex<Option<Armed>>,
+    /// The armed deadline, this thread's CPU time in nanoseconds. Only the
+    /// worker moves it, and only while armed: outside the lock, since it
+    /// moves as every request of a batch starts. The watchdog reads it
+    /// while holding `armed`, so it sees at least the value `arm` set.
+    deadline_ns: AtomicU64,
     shared: Arc<Shared>,
 }
 
@@ -225,11 +229,17 @@ impl CpuWatchdog {
         let slot = Arc::new(CpuWatch {
             clock,
             armed: Mutex::new(None),
+            deadline_ns: AtomicU64::new(0),
             shared: self.shared.clone(),
         });
         lock(&self.shared.slots).push(slot.clone());
         slot
     }
+}
+
+/// `d` in nanoseconds, saturating (a CPU clock reading fits for 584 years).
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -257,8 +267,9 @@ impl CpuWatch {
             .shared
             .min_budget_us
             .fetch_min(limit_us, Ordering::Relaxed);
+        self.deadline_ns
+            .store(duration_ns(now + budget), Ordering::Relaxed);
         *lock(&self.armed) = Some(Armed {
-            deadline: now + budget,
             isolate,
             fired,
             sample: None,
@@ -276,9 +287,8 @@ impl CpuWatch {
     /// Moves the armed deadline (this thread's CPU time) to `deadline`, as
     /// when the next request of a batch starts with a budget of its own.
     pub fn rearm(&self, deadline: Duration) {
-        if let Some(a) = lock(&self.armed).as_mut() {
-            a.deadline = deadline;
-        }
+        self.deadline_ns
+            .store(duration_ns(deadline), Ordering::Relaxed);
     }
 
     /// From now until disarmed, each sample requests `interrupt` on the
@@ -294,9 +304,13 @@ impl CpuWatch {
     /// Moves the armed deadline `by` later, as when CPU counted against it
     /// turns out to be one request's, charged to that request's own budget.
     pub fn extend(&self, by: Duration) {
-        if let Some(a) = lock(&self.armed).as_mut() {
-            a.deadline += by;
-        }
+        let by = duration_ns(by);
+        // Only this thread writes it: the update never retries.
+        let _ = self
+            .deadline_ns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                Some(d.saturating_add(by))
+            });
     }
 
     /// Stops watching.
@@ -329,7 +343,7 @@ fn watch(shared: Arc<Shared>) {
             let used = clock_time(slot.clock);
             // While sampling, the interrupt of the last sample has had a
             // period to move the deadline.
-            let deadline = a.deadline
+            let deadline = Duration::from_nanos(slot.deadline_ns.load(Ordering::Relaxed))
                 + if a.sample.is_some() {
                     period
                 } else {

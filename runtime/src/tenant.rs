@@ -40,6 +40,12 @@ const MEMORY_SAMPLE_EVERY: Duration = Duration::from_millis(25);
 /// tenant does not hold up everything else on its thread.
 const DELIVERY_SLICE: Duration = Duration::from_millis(5);
 
+/// How much later than its own budget allows a handler's CPU deadline may
+/// fall: the handlers a poll starts within this much of each other share
+/// one move of the watchdog's deadline (the last one's), instead of a move
+/// each. Lenient only, by far less than the watchdog's sampling period.
+const REARM_SLACK: Duration = Duration::from_micros(100);
+
 /// Rounds of the thread's other ready work (socket reads, other isolates,
 /// new connections) an isolate lets run after a poll that used its whole
 /// delivery slice: a new connection takes several such rounds to reach its
@@ -359,6 +365,11 @@ struct Starts {
     /// When the poll began, by the wall clock and the thread's CPU clock.
     wall0: Instant,
     t0: Duration,
+    /// When the poll's delivery slice ends.
+    slice_end: Instant,
+    /// Until when handlers may start under the deadline armed last (see
+    /// [`REARM_SLACK`]).
+    covered: Instant,
     /// The request started last, and when.
     current: Option<(u32, Instant)>,
     /// The wall time each earlier request's start took until the next one.
@@ -380,14 +391,18 @@ impl atoll_js_api::StartGate for StartClock {
     fn start(&mut self, id: u32) -> bool {
         let mut s = self.starts.borrow_mut();
         let now = Instant::now();
-        let into_poll = now.saturating_duration_since(s.wall0);
-        if s.current.is_some() && into_poll >= DELIVERY_SLICE {
+        if s.current.is_some() && now >= s.slice_end {
             return false;
         }
         if let Some((prev, since)) = s.current.replace((id, now)) {
             s.charges.push((prev, now.saturating_duration_since(since)));
         }
-        self.watch.rearm(s.t0 + into_poll + self.cpu_per_request);
+        if now > s.covered {
+            // The deadline of a handler starting up to REARM_SLACK from now.
+            s.covered = now + REARM_SLACK;
+            let into_poll = s.covered.saturating_duration_since(s.wall0);
+            self.watch.rearm(s.t0 + into_poll + self.cpu_per_request);
+        }
         true
     }
 }
@@ -424,6 +439,8 @@ async fn drive(
     let starts = Rc::new(RefCell::new(Starts {
         wall0: Instant::now(),
         t0: Duration::ZERO,
+        slice_end: Instant::now(),
+        covered: Instant::now(),
         current: None,
         charges: Vec::new(),
     }));
@@ -511,6 +528,7 @@ async fn drive(
             {
                 let mut s = starts.borrow_mut();
                 (s.wall0, s.t0, s.current) = (wall0, t0, None);
+                (s.slice_end, s.covered) = (wall0 + DELIVERY_SLICE, wall0);
                 std::mem::swap(&mut s.charges, &mut charges);
             }
             iso.deliver_all(&mut admitted, &stopped);
