@@ -242,11 +242,13 @@ impl Pending {
     }
 
     /// Notes that the request's code called into the host (see
-    /// [`HostBridge::take_touched`]).
-    pub(crate) fn touch(&mut self, id: u32, touched: &RefCell<Vec<u32>>) {
-        if !self.touched {
+    /// [`HostBridge::take_touched`]), unless the call comes from its
+    /// handler's synchronous start: the host times each start itself, so
+    /// listing it would only make the host look the request up again.
+    pub(crate) fn touch(&mut self, id: u32, bridge: &HostBridge) {
+        if !self.touched && bridge.last_started.get() != Some(id) {
             self.touched = true;
-            touched.borrow_mut().push(id);
+            bridge.touched.borrow_mut().push(id);
         }
     }
 }

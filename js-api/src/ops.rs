@@ -135,7 +135,7 @@ pub fn op_atoll_request_headers<'s>(
         .borrow_mut()
         .get_mut(&id)
         .and_then(|p| {
-            p.touch(id, &bridge.touched);
+            p.touch(id, bridge);
             p.take_headers()
         })
         .ok_or_else(|| JsErrorBox::type_error("the request has finished"))?;
@@ -272,7 +272,7 @@ fn respond_full(
     let Some(mut p) = bridge.pending.borrow_mut().remove(&id) else {
         return;
     };
-    p.touch(id, &bridge.touched);
+    p.touch(id, bridge);
     if p.req.respond.is_waiting() {
         // The request ends with this answer, so its own header map (unless
         // JS took it) is free: the response's headers reuse its allocation.
@@ -291,7 +291,7 @@ fn respond_full(
 fn send_head(state: &OpState, id: u32, response: crate::HandlerResult) {
     let bridge = bridge(state);
     if let Some(p) = bridge.pending.borrow_mut().get_mut(&id) {
-        p.touch(id, &bridge.touched);
+        p.touch(id, bridge);
         // The client may have gone away; nothing to do then.
         p.req.respond.send(response);
     }
@@ -460,7 +460,7 @@ fn with_body_sender<R>(
     let bridge = bridge(state);
     let mut pending = bridge.pending.borrow_mut();
     let p = pending.get_mut(&id)?;
-    p.touch(id, &bridge.touched);
+    p.touch(id, bridge);
     Some(f(&mut p.body))
 }
 
@@ -590,7 +590,7 @@ pub fn op_atoll_log(state: &mut OpState, #[smi] level: u8, id: u32, #[string] me
         None
     } else {
         bridge.pending.borrow_mut().get_mut(&id).map(|p| {
-            p.touch(id, &bridge.touched);
+            p.touch(id, bridge);
             p.req.request_id
         })
     };
@@ -629,7 +629,7 @@ pub fn op_atoll_fetch_begin(state: &mut OpState, id: u32) -> String {
         // JS queues the fetch until one of these has its response head.
         return SLOTS_FULL.into();
     }
-    p.touch(id, &bridge.touched);
+    p.touch(id, bridge);
     p.subrequests += 1;
     p.open_fetches += 1;
     String::new()
@@ -643,7 +643,7 @@ pub fn op_atoll_fetch_begin(state: &mut OpState, id: u32) -> String {
 pub fn op_atoll_fetch_end(state: &mut OpState, id: u32, declared_length: f64) -> String {
     let bridge = bridge(state);
     if let Some(p) = bridge.pending.borrow_mut().get_mut(&id) {
-        p.touch(id, &bridge.touched);
+        p.touch(id, bridge);
         p.open_fetches = p.open_fetches.saturating_sub(1);
     }
     let limit = bridge.fetch_limits.get().response_bytes;
