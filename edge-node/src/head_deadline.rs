@@ -15,7 +15,7 @@ use std::future::Future;
 use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,6 +30,18 @@ use tokio::time::Instant;
 /// requests in flight.
 const ONE_EVENT: u64 = 1 << 32;
 const IN_FLIGHT: u64 = u32::MAX as u64;
+
+/// `HeadDeadline::flags`: the client kept the connection waiting too long.
+const EXPIRED: u8 = 1;
+/// The node shuts down: finish the request in flight, then close.
+const DRAINING: u8 = 1 << 1;
+/// A request has been in flight for a whole limit: the connection looks
+/// whether its client is still there.
+const CHECK_PEER: u8 = 1 << 2;
+/// A wake took the connection's waker: its next poll registers it again.
+/// Until then the registration stands, and the connection's two polls per
+/// request skip `register`'s two compare-and-swaps.
+const WAKER_TAKEN: u8 = 1 << 3;
 
 /// How many checks per limit the timer task makes. A request that starts
 /// and ends between two checks is seen by the next one, so an idle
@@ -62,20 +74,12 @@ pub(crate) struct HeadDeadline {
     write_blocked: AtomicBool,
     /// Nanoseconds after `opened` when a write last blocked or progressed.
     write_progress: AtomicU64,
-    /// Set once the client kept the connection waiting too long.
-    expired: AtomicBool,
-    /// Set when the node shuts down: finish the request in flight, then close.
-    draining: AtomicBool,
-    /// Set when a request has been in flight for a whole limit: the
-    /// connection looks whether its client is still there.
-    check_peer: AtomicBool,
-    /// The connection's task, woken when `expired`, `draining` or
-    /// `check_peer` is set.
+    /// `EXPIRED`, `DRAINING`, `CHECK_PEER`, `WAKER_TAKEN`: rarely set, so
+    /// one word, read once per poll of the connection, carries them all.
+    flags: AtomicU8,
+    /// The connection's task, woken when `EXPIRED`, `DRAINING` or
+    /// `CHECK_PEER` is set.
     connection: AtomicWaker,
-    /// Set when a wake took the connection's waker: its next poll registers
-    /// it again. Until then the registration stands, and the connection's
-    /// two polls per request skip `register`'s two compare-and-swaps.
-    waker_taken: AtomicBool,
 }
 
 impl HeadDeadline {
@@ -86,17 +90,14 @@ impl HeadDeadline {
             active: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
             write_progress: AtomicU64::new(0),
-            expired: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            check_peer: AtomicBool::new(false),
+            flags: AtomicU8::new(WAKER_TAKEN),
             connection: AtomicWaker::new(),
-            waker_taken: AtomicBool::new(true),
         })
     }
 
     /// Asks the connection to finish its request in flight and close.
     pub(crate) fn drain(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.flags.fetch_or(DRAINING, Ordering::Release);
         self.wake_connection();
     }
 
@@ -104,14 +105,14 @@ impl HeadDeadline {
     fn wake_connection(&self) {
         if let Some(waker) = self.connection.take() {
             // Before the wake: the poll it causes must see the flag.
-            self.waker_taken.store(true, Ordering::Release);
+            self.flags.fetch_or(WAKER_TAKEN, Ordering::Release);
             waker.wake();
         }
     }
 
     #[cfg(test)]
     pub(crate) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.flags.load(Ordering::Acquire) & DRAINING != 0
     }
 
     /// Marks a request head as received; the request counts as active
@@ -147,46 +148,48 @@ impl HeadDeadline {
         let mut connection = std::pin::pin!(connection);
         let mut shutting_down = false;
         let mut registered: Option<std::task::Waker> = None;
-        // Whether the connection should be shut down gracefully now.
-        let stop = || {
-            self.draining.load(Ordering::Acquire)
-                || (graceful && self.expired.load(Ordering::Acquire))
-        };
+        // Whether `flags` end the connection at once, or ask to shut it
+        // down gracefully.
+        let ends = |flags: u8| !graceful && flags & EXPIRED != 0;
+        let stops = |flags: u8| flags & DRAINING != 0 || (graceful && flags & EXPIRED != 0);
         std::future::poll_fn(|cx| {
-            if !graceful && self.expired.load(Ordering::Acquire) {
-                return Poll::Ready(None);
-            }
-            // Read before the swap: a locked instruction on every poll
-            // otherwise, for a flag that is almost never set.
-            if let Some(fd) = peer
-                && self.check_peer.load(Ordering::Acquire)
-                && self.check_peer.swap(false, Ordering::AcqRel)
-                && crate::linger::peer_closed(fd)
-            {
-                tracing::debug!("the client closed its connection with a request in flight");
-                return Poll::Ready(None);
-            }
-            if !shutting_down && stop() {
-                shutting_down = true;
-                shut_down(connection.as_mut());
+            let flags = self.flags.load(Ordering::Acquire);
+            if flags & !WAKER_TAKEN != 0 {
+                if ends(flags) {
+                    return Poll::Ready(None);
+                }
+                if let Some(fd) = peer
+                    && flags & CHECK_PEER != 0
+                    && self.flags.fetch_and(!CHECK_PEER, Ordering::AcqRel) & CHECK_PEER != 0
+                    && crate::linger::peer_closed(fd)
+                {
+                    tracing::debug!("the client closed its connection with a request in flight");
+                    return Poll::Ready(None);
+                }
+                if !shutting_down && stops(flags) {
+                    shutting_down = true;
+                    shut_down(connection.as_mut());
+                }
             }
             if let Poll::Ready(out) = connection.as_mut().poll(cx) {
                 return Poll::Ready(Some(out));
             }
             // Registered again only once a wake took the waker, or if the
-            // task's waker changed (tokio's stays the same).
-            if self.waker_taken.load(Ordering::Acquire)
+            // task's waker changed (tokio's stays the same). A standing
+            // registration receives the wake of any flag set from here on.
+            if self.flags.load(Ordering::Acquire) & WAKER_TAKEN != 0
                 || !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
             {
-                self.waker_taken.store(false, Ordering::Relaxed);
+                self.flags.fetch_and(!WAKER_TAKEN, Ordering::Relaxed);
                 self.connection.register(cx.waker());
                 registered = Some(cx.waker().clone());
-            }
-            // Expired or told to drain between the checks and registering
-            // (or a wake that found no waker meanwhile): no wake is coming
-            // for it.
-            if (!graceful && self.expired.load(Ordering::Acquire)) || (!shutting_down && stop()) {
-                cx.waker().wake_by_ref();
+                // Expired or told to drain between the checks and
+                // registering (a wake that found no waker meanwhile): no
+                // wake is coming for it.
+                let flags = self.flags.load(Ordering::Acquire);
+                if ends(flags) || (!shutting_down && stops(flags)) {
+                    cx.waker().wake_by_ref();
+                }
             }
             Poll::Pending
         })
@@ -219,7 +222,7 @@ impl HeadDeadline {
                     // in flight: is its client still there? (Asked again a
                     // limit later.)
                     events_seen = now;
-                    self.check_peer.store(true, Ordering::Release);
+                    self.flags.fetch_or(CHECK_PEER, Ordering::Release);
                     self.wake_connection();
                 }
                 continue;
@@ -237,7 +240,7 @@ impl HeadDeadline {
                 events_seen.max(write_progress) + limit
             };
             if due <= now {
-                self.expired.store(true, Ordering::Release);
+                self.flags.fetch_or(EXPIRED, Ordering::Release);
                 self.wake_connection();
                 return;
             }
