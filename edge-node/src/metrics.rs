@@ -14,6 +14,18 @@ const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
+/// [`BUCKETS`] in nanoseconds: a request's latency is placed by integer
+/// compares, most often by the first.
+const BUCKETS_NS: [u64; BUCKETS.len()] = {
+    let mut ns = [0; BUCKETS.len()];
+    let mut i = 0;
+    while i < BUCKETS.len() {
+        ns[i] = (BUCKETS[i] * 1e9) as u64;
+        i += 1;
+    }
+    ns
+};
+
 /// A latency histogram; `counts[i]` holds the requests that fell in bucket
 /// `i` alone (made cumulative when rendered), so recording is one increment.
 #[derive(Default, Clone)]
@@ -48,9 +60,14 @@ pub struct TenantRequests {
 
 #[derive(Default)]
 struct Inner {
-    /// Hashed, not ordered: every request looks its tenant up here, and a
-    /// scrape sorts (see [`Inner::tenants_by_name`]).
-    tenants: FxHashMap<String, TenantStats>,
+    /// Each tenant's stats, in the order they first appeared; a scrape
+    /// sorts them (see [`Inner::tenants_by_name`]).
+    tenants: Vec<(String, TenantStats)>,
+    /// Where each tenant is in `tenants`.
+    index: FxHashMap<String, usize>,
+    /// The tenant recorded last: a thread's next request is most often
+    /// for the same one, found without hashing its name.
+    last: usize,
     limit_terminations: BTreeMap<(String, &'static str), u64>,
     unrouted: u64,
     /// Requests refused before routing, by status (400, 431).
@@ -84,15 +101,37 @@ impl TenantStats {
 impl Inner {
     /// The tenants' stats, ordered by tenant name (as they are rendered).
     fn tenants_by_name(&self) -> Vec<(&String, &TenantStats)> {
-        let mut tenants: Vec<_> = self.tenants.iter().collect();
+        let mut tenants: Vec<_> = self.tenants.iter().map(|(t, s)| (t, s)).collect();
         tenants.sort_unstable_by(|a, b| a.0.cmp(b.0));
         tenants
+    }
+
+    /// `tenant`'s stats, added if new.
+    fn tenant(&mut self, tenant: &str) -> &mut TenantStats {
+        let hit = self
+            .tenants
+            .get(self.last)
+            .is_some_and(|(name, _)| name == tenant);
+        if !hit {
+            self.last = match self.index.get(tenant) {
+                Some(&i) => i,
+                None => {
+                    // After a tenant's first request the hot path allocates nothing.
+                    self.tenants
+                        .push((tenant.to_string(), TenantStats::default()));
+                    self.index
+                        .insert(tenant.to_string(), self.tenants.len() - 1);
+                    self.tenants.len() - 1
+                }
+            };
+        }
+        &mut self.tenants[self.last].1
     }
 
     /// Adds `self`'s counts to `total`.
     fn add_to(&self, total: &mut Inner) {
         for (tenant, stats) in &self.tenants {
-            let t = total.tenants.entry(tenant.clone()).or_default();
+            let t = total.tenant(tenant);
             for &(status, n) in &stats.by_status {
                 *t.count_of(status) += n;
             }
@@ -166,23 +205,17 @@ impl Metrics {
     /// answered `elapsed` later.
     pub fn request(&self, tenant: &str, status: u16, started: Instant, elapsed: Duration) {
         let mut m = self.lock();
-        // Looked up by reference first: after a tenant's first request the
-        // hot path allocates nothing.
-        let t = match m.tenants.get_mut(tenant) {
-            Some(t) => t,
-            None => m.tenants.entry(tenant.to_string()).or_default(),
-        };
+        let t = m.tenant(tenant);
         *t.count_of(status) += 1;
         t.last_request = t.last_request.max(Some(started));
-        let secs = elapsed.as_secs_f64();
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         let h = &mut t.latency;
         // Slower than the last bound: only in +Inf (the total count).
-        let bucket = BUCKETS.partition_point(|le| secs > *le);
-        if let Some(c) = h.counts.get_mut(bucket) {
-            *c += 1;
+        if let Some(bucket) = BUCKETS_NS.iter().position(|&le| nanos <= le) {
+            h.counts[bucket] += 1;
         }
         h.count += 1;
-        h.sum += secs;
+        h.sum += elapsed.as_secs_f64();
     }
 
     /// Each tenant's request totals.
@@ -437,6 +470,29 @@ mod tests {
         assert_eq!(tenants.len(), 1);
         assert_eq!(tenants[0].requests, 3);
         assert!(tenants[0].last_request.is_some());
+    }
+
+    #[test]
+    fn a_latency_on_a_bound_counts_in_that_bucket() {
+        let m = Metrics::default();
+        let now = Instant::now();
+        m.request("t", 200, now, Duration::from_micros(500));
+        m.request("t", 200, now, Duration::from_nanos(500_001));
+        m.request("t", 200, now, Duration::from_secs(6));
+        // Another tenant in between: the next request of "t" is found again.
+        m.request("u", 200, now, Duration::from_millis(1));
+        m.request("t", 404, now, Duration::from_millis(1));
+        let text = m.render(&[]);
+        for needle in [
+            "atoll_request_duration_seconds_bucket{tenant=\"t\",le=\"0.0005\"} 1",
+            "atoll_request_duration_seconds_bucket{tenant=\"t\",le=\"0.001\"} 3",
+            "atoll_request_duration_seconds_bucket{tenant=\"t\",le=\"5\"} 3",
+            "atoll_request_duration_seconds_bucket{tenant=\"t\",le=\"+Inf\"} 4",
+            "atoll_requests_total{tenant=\"t\",status=\"404\"} 1",
+            "atoll_requests_total{tenant=\"u\",status=\"200\"} 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
     }
 
     #[test]
