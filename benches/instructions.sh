@@ -13,11 +13,18 @@
 #   WORKLOAD=api benches/instructions.sh             # URL, one header, Response.json
 #   SERVERS="atoll deno hyper" benches/instructions.sh   # plus the floor: hyper
 #                                                      # alone (benches/hyper_floor.rs)
+#   CACHE=1 benches/instructions.sh                  # also callgrind's simulated
+#                                                      # cache misses and branch mispredictions
 #
 # Each server runs under callgrind pinned to one core, with wrk on the
 # other; counting is switched on only for the measured part of the load.
 # Atoll's CPU and wall-clock limits are raised, since everything runs about
 # 50 times slower under valgrind. Needs valgrind (installed if missing).
+#
+# The count moves with how many requests the server managed under
+# valgrind (fewer requests per isolate poll cost more each): a run that
+# served far fewer requests than the others reads a few hundred higher.
+# Tell builds apart by alternating them, several runs each.
 . "$(dirname "$0")/lib.sh"
 PORT_BASE=${PORT_BASE:-18770}
 DURATION=${DURATION:-10s}
@@ -38,7 +45,9 @@ count() {
   shift 2
   step "$name under callgrind: $*"
   # Any variables the caller set before `count` reach the server.
-  start_pinned "$SERVER_CPU" "$name" valgrind --tool=callgrind --smc-check=all-non-file \
+  local sim=()
+  [ -n "${CACHE:-}" ] && sim=(--cache-sim=yes --branch-sim=yes)
+  start_pinned "$SERVER_CPU" "$name" valgrind --tool=callgrind "${sim[@]}" --smc-check=all-non-file \
     --instr-atstart=no --callgrind-out-file="$work/$name.cg" "$@"
   local pid=$last_pid
   for i in $(seq 1 600); do
@@ -67,6 +76,23 @@ count() {
   fi
   printf '%-8s %10s requests %14s instructions %8d per request\n' \
     "$name" "$requests" "$total" "$((total / requests))"
+  if [ -n "${CACHE:-}" ]; then
+    # Per request, from the simulated caches (the host's sizes) and branch
+    # predictor: L1 instruction misses, L1 data read and write misses, and
+    # mispredicted conditional and indirect branches.
+    callgrind_annotate "$work/$name.cg" 2>/dev/null | awk -v n="$requests" -v name="$name" '
+      /^Events shown:/ { for (i = 3; i <= NF; i++) col[$i] = i - 2 }
+      /PROGRAM TOTALS/ {
+        for (i = 1; i <= NF; i++) gsub(",", "", $i)
+        # Each count is followed by its percentage in parentheses.
+        j = 0
+        for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+$/) { j++; val[j] = $i }
+        printf "%-8s per request: I1 misses %.1f, D1 read misses %.1f, D1 write misses %.1f, mispredicted branches %.1f\n",
+          name, val[col["I1mr"]] / n, val[col["D1mr"]] / n, val[col["D1mw"]] / n,
+          (val[col["Bcm"]] + val[col["Bim"]]) / n
+        exit
+      }'
+  fi
   if [ -n "${KEEP:-}" ]; then
     mkdir -p "$KEEP"
     cp "$work/$name.cg" "$KEEP/$name.cg"
