@@ -91,7 +91,7 @@ count() {
           name, val[col["I1mr"]] / n, val[col["D1mr"]] / n, val[col["D1mw"]] / n,
           (val[col["Bcm"]] + val[col["Bim"]]) / n
         exit
-      }'
+      }' || true  # callgrind_annotate's broken pipe once awk exits
   fi
   if [ -n "${KEEP:-}" ]; then
     mkdir -p "$KEEP"
