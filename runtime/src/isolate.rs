@@ -278,6 +278,9 @@ impl Isolate {
         }
         let state = op_state.borrow();
         let bridge = state.borrow::<HostBridge>();
+        // The last handler's start is over: what its request does from
+        // here on (continuations in the event loop) counts as touched.
+        bridge.take_last_started();
         if stopped() {
             // Dropped: their clients hear the isolate ended.
             let mut dropped = Vec::new();

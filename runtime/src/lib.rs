@@ -61,7 +61,7 @@ pub struct HttpRequest {
 
 /// CPU time charged to one request so far, shared with the server that
 /// logs it: the isolate's thread updates it as it charges the request.
-/// The default tracks nothing (reads as zero) and costs nothing: a server
+/// The default tracks nothing (reads as `None`) and costs nothing: a server
 /// that will not log a request's CPU time skips the shared counter's
 /// allocation and updates.
 #[derive(Debug, Clone, Default)]

@@ -40,10 +40,10 @@ const MEMORY_SAMPLE_EVERY: Duration = Duration::from_millis(25);
 /// tenant does not hold up everything else on its thread.
 const DELIVERY_SLICE: Duration = Duration::from_millis(5);
 
-/// How much later than its own budget allows a handler's CPU deadline may
-/// fall: the handlers a poll starts within this much of each other share
-/// one move of the watchdog's deadline (the last one's), instead of a move
-/// each. Lenient only, by far less than the watchdog's sampling period.
+/// How much later a handler's CPU deadline may fall than its own budget
+/// would put it: the handlers a poll starts within this much of each other
+/// share one move of the watchdog's deadline instead of a move each.
+/// Lenient only, and by far less than the watchdog's sampling period.
 const REARM_SLACK: Duration = Duration::from_micros(100);
 
 /// Rounds of the thread's other ready work (socket reads, other isolates,
