@@ -70,7 +70,7 @@ async fn first_request(rt: &Arc<Runtime>, tenant: usize) -> Duration {
     rt.spawn_on_worker(move || async move {
         let t0 = Instant::now();
         let resp = on_worker
-            .dispatch(dep, request(tenant))
+            .dispatch(&dep, request(tenant))
             .await
             .expect("dispatch");
         let elapsed = t0.elapsed();

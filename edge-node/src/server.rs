@@ -361,7 +361,7 @@ impl EdgeNode {
         // Entered by a guard, not `in_scope`: a closure would take the
         // request (some 200 bytes) by a copy first.
         let entered = span.enter();
-        let answer = self.runtime.dispatch(deployment.clone(), request);
+        let answer = self.runtime.dispatch(&deployment, request);
         drop(entered);
         HandlingState::Dispatched(Box::new(Dispatched {
             node: self.clone(),

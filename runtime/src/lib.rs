@@ -373,8 +373,9 @@ impl Runtime {
     /// Runs `request` in `deployment`'s isolate; the returned future
     /// resolves to the response head. The request is handed over before
     /// this returns, so the future is small and holds only the answer's
-    /// receiver (moving it around costs little).
-    pub fn dispatch(&self, deployment: Arc<Deployment>, request: HttpRequest) -> Answer {
+    /// receiver (moving it around costs little). `deployment` is borrowed:
+    /// a request handled on its tenant's own thread takes no reference to it.
+    pub fn dispatch(&self, deployment: &Arc<Deployment>, request: HttpRequest) -> Answer {
         let (tx, rx) = oneshot::channel();
         let wall = deployment.limits.wall_per_request;
         let home = self.home_of(&deployment.tenant);
@@ -387,26 +388,32 @@ impl Runtime {
             body,
             cpu,
         } = request;
-        let msg = WorkerMsg::Dispatch {
-            deployment,
-            dispatch: Dispatch {
-                incoming: Box::new(IncomingRequest {
-                    // The isolate's slot numbers it.
-                    id: 0,
-                    request_id,
-                    method,
-                    url,
-                    headers,
-                    body,
-                    respond: atoll_js_api::Responder::new(tx),
-                }),
-                received,
-                cpu,
-            },
+        let dispatch = Dispatch {
+            incoming: Box::new(IncomingRequest {
+                // The isolate's slot numbers it.
+                id: 0,
+                request_id,
+                method,
+                url,
+                headers,
+                body,
+                respond: atoll_js_api::Responder::new(tx),
+            }),
+            received,
+            cpu,
         };
-        let local = match self.deliver(home, msg) {
-            Ok(local) => local,
-            Err(()) => return Answer::failed("the runtime has stopped"),
+        let local = match worker::dispatch_local(self.id, home, deployment, dispatch) {
+            None => true,
+            Some(dispatch) => {
+                let msg = WorkerMsg::Dispatch {
+                    deployment: deployment.clone(),
+                    dispatch,
+                };
+                if self.workers[home].send(msg).is_err() {
+                    return Answer::failed("the runtime has stopped");
+                }
+                false
+            }
         };
         // The isolate's task fails requests past the wall clock, queued or
         // running. Across threads, this bound is the backstop should the

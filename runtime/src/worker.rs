@@ -47,19 +47,42 @@ thread_local! {
     static CURRENT: RefCell<Option<(u64, usize, Rc<Worker>)>> = const { RefCell::new(None) };
 }
 
+/// Worker `index` of runtime `runtime`, if it runs on this thread.
+fn current(runtime: u64, index: usize) -> Option<Rc<Worker>> {
+    CURRENT.with(|c| match &*c.borrow() {
+        Some((r, i, w)) if *r == runtime && *i == index => Some(w.clone()),
+        _ => None,
+    })
+}
+
 /// Handles `msg` right here if this thread is worker `index` of runtime
 /// `runtime`; otherwise gives it back for the inbox.
 pub(crate) fn deliver_local(runtime: u64, index: usize, msg: WorkerMsg) -> Option<WorkerMsg> {
-    let worker = CURRENT.with(|c| match &*c.borrow() {
-        Some((r, i, w)) if *r == runtime && *i == index => Some(w.clone()),
-        _ => None,
-    });
-    match worker {
+    match current(runtime, index) {
         Some(w) => {
             handle(&w, msg);
             None
         }
         None => Some(msg),
+    }
+}
+
+/// Hands `dispatch` to `deployment`'s isolate right here if this thread is
+/// worker `index` of runtime `runtime`; otherwise gives it back for the
+/// inbox. Unlike a message, it needs no reference of its own to the
+/// deployment.
+pub(crate) fn dispatch_local(
+    runtime: u64,
+    index: usize,
+    deployment: &Arc<Deployment>,
+    dispatch: Dispatch,
+) -> Option<Dispatch> {
+    match current(runtime, index) {
+        Some(w) => {
+            w.dispatch(deployment, dispatch);
+            None
+        }
+        None => Some(dispatch),
     }
 }
 
@@ -207,13 +230,7 @@ fn handle(worker: &Rc<Worker>, msg: WorkerMsg) {
         WorkerMsg::Dispatch {
             deployment,
             dispatch,
-        } => {
-            let (slot, started) = worker.slot_for(&deployment);
-            slot.dispatch(dispatch);
-            if started {
-                worker.enforce_budget(&deployment.tenant);
-            }
-        }
+        } => worker.dispatch(&deployment, dispatch),
         WorkerMsg::Warm { deployment } => {
             if worker.slot_for(&deployment).1 {
                 tracing::debug!(tenant = %deployment.tenant, "warming isolate");
@@ -238,6 +255,15 @@ fn handle(worker: &Rc<Worker>, msg: WorkerMsg) {
 }
 
 impl Worker {
+    /// Queues `dispatch` on `deployment`'s isolate, starting one if needed.
+    fn dispatch(&self, deployment: &Arc<Deployment>, dispatch: Dispatch) {
+        let (slot, started) = self.slot_for(deployment);
+        slot.dispatch(dispatch);
+        if started {
+            self.enforce_budget(&deployment.tenant);
+        }
+    }
+
     /// The live isolate of this exact deployment, or a new one (then `true`).
     fn slot_for(&self, deployment: &Arc<Deployment>) -> (Rc<TenantSlot>, bool) {
         // A live slot is the one its tenant maps to (a slot leaves the map
