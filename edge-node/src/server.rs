@@ -950,20 +950,22 @@ fn build_response<B>(
 }
 
 /// Headers that describe the connection or the body's framing, not the
-/// response: hyper sets them from the body it sends. Names are lowercase:
-/// one string match (by length first) instead of comparing with each.
+/// response: hyper sets them from the body it sends. A name `http` knows
+/// is compared by its tag, without reading its text from the table of
+/// standard names (a cache miss on every response); the two it does not
+/// know (`keep-alive`, `proxy-connection`) by their text.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "content-length"
-            | "transfer-encoding"
-            | "connection"
-            | "upgrade"
-            | "te"
-            | "trailer"
-            | "keep-alive"
-            | "proxy-connection"
-    )
+    use http::header::{CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    *name == CONTENT_LENGTH
+        || *name == TRANSFER_ENCODING
+        || *name == CONNECTION
+        || *name == UPGRADE
+        || *name == TE
+        || *name == TRAILER
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
 }
 
 #[cfg(test)]
@@ -1001,6 +1003,27 @@ mod tests {
         assert!(!preface(&[b"POST / HTTP/1.1\r\n"]).await);
         assert!(!preface(&[b"P", b"UT / HTTP/1.1\r\n"]).await);
         assert!(!preface(&[b"GET / HTTP/1.1\r\n"]).await);
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_found_however_they_were_parsed() {
+        for name in [
+            "content-length",
+            "Transfer-Encoding",
+            "connection",
+            "UPGRADE",
+            "te",
+            "trailer",
+            "Keep-Alive",
+            "proxy-connection",
+        ] {
+            let parsed = HeaderName::from_bytes(name.as_bytes()).expect("a valid name");
+            assert!(is_hop_by_hop(&parsed), "{name} is hop-by-hop");
+        }
+        for name in ["content-type", "x-keep-alive", "tee", "date", "x-request-id"] {
+            let parsed = HeaderName::from_bytes(name.as_bytes()).expect("a valid name");
+            assert!(!is_hop_by_hop(&parsed), "{name} is not hop-by-hop");
+        }
     }
 
     #[test]
