@@ -477,6 +477,8 @@ mod tests {
             .build()
             .expect("a tokio runtime");
         let _guard = rt.enter();
+        // As `Runtime::start` does: more than one provider is linked in.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let client = crate::outbound::client(&crate::OutboundConfig::default())
             .expect("the outbound client");
         let mut isolate = Isolate::new(64 * 1024 * 1024, &client);
