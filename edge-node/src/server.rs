@@ -1020,7 +1020,13 @@ mod tests {
             let parsed = HeaderName::from_bytes(name.as_bytes()).expect("a valid name");
             assert!(is_hop_by_hop(&parsed), "{name} is hop-by-hop");
         }
-        for name in ["content-type", "x-keep-alive", "tee", "date", "x-request-id"] {
+        for name in [
+            "content-type",
+            "x-keep-alive",
+            "tee",
+            "date",
+            "x-request-id",
+        ] {
             let parsed = HeaderName::from_bytes(name.as_bytes()).expect("a valid name");
             assert!(!is_hop_by_hop(&parsed), "{name} is not hop-by-hop");
         }
