@@ -14,7 +14,6 @@
 . "$(dirname "$0")/lib.sh"
 PORT_BASE=${PORT_BASE:-18830}
 SERVERS=${SERVERS:-atoll deno}
-DURATION=${DURATION:-5s}
 V8_FLAGS=${V8_FLAGS:---trace-gc}
 setup_tools
 workload hello
