@@ -1471,8 +1471,8 @@ function warmUpRequestPath() {
  * collection, rare in a busy isolate, would end the tracking). Run once,
  * each hello-world request allocated 328 bytes for its
  * `IncomingInnerRequest` instead of 112, 216 for its Request instead of 88
- * and 546 for `new Response("hello")` instead of 370: 1.17 KB of garbage
- * per request instead of 0.68 (benches/README.md).
+ * and 546 for `new Response("hello")` instead of 370: 1.18 KB of garbage
+ * per request instead of 0.69 (benches/gc_rate.sh, benches/README.md).
  */
 const SLACK_TRACKING_ROUNDS = 10;
 for (let i = 0; i < SLACK_TRACKING_ROUNDS; i++) warmUpRequestPath();
