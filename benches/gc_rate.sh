@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Young-generation garbage per hello-world request, Atoll vs `deno serve`:
+# Young-generation garbage per request (hello world unless $WORKLOAD says), Atoll vs `deno serve`:
 # each server runs with V8's --trace-gc under the usual pinned wrk load, and
 # the memory its scavenges freed is divided by the requests served.
 #
 #   benches/gc_rate.sh
 #   ATOLL_BIN=path/to/atoll SERVERS=atoll benches/gc_rate.sh
+#   WORKLOAD=api benches/gc_rate.sh   # another module from `workload` in lib.sh
 #   V8_FLAGS="--trace-gc --trace-opt" KEEP=dir benches/gc_rate.sh   # other V8
 #     traces too, each server's log kept as dir/NAME.log
 #
@@ -16,7 +17,9 @@ PORT_BASE=${PORT_BASE:-18830}
 SERVERS=${SERVERS:-atoll deno}
 V8_FLAGS=${V8_FLAGS:---trace-gc}
 setup_tools
-workload hello
+workload "${WORKLOAD:-hello}"
+wrk_args=()
+[ -n "${WRK_SCRIPT:-}" ] && wrk_args=(-s "$WRK_SCRIPT")
 atoll_config hello.js "$PORT_BASE"
 
 # measure NAME PORT CMD...: requests served in $DURATION and the MB its
@@ -28,7 +31,8 @@ measure() {
   local pid=$last_pid log="$work/$name.log"
   local before out after requests
   before=$(wc -l <"$log")
-  out=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" "http://127.0.0.1:$port/")
+  out=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" "${wrk_args[@]}" \
+    "http://127.0.0.1:$port/")
   sleep 0.5
   after=$(wc -l <"$log")
   requests=$(echo "$out" | awk '/requests in/ { print $1 }')
